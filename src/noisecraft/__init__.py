@@ -1,0 +1,1 @@
+"""noisecraft: diffusion models made readable."""

@@ -1,0 +1,119 @@
+"""Checkpoint files: atomic writes, safetensors weights, JSON configs, and weights-only torch loading.
+
+Every write goes to a temporary file in the same folder, is flushed to disk, then renamed over the
+target (os.replace is atomic on POSIX), so a crash leaves either the old file or the new one, never a
+half-written one. Nothing here unpickles arbitrary objects: weights are safetensors, and the optimizer
+state goes through torch.load(weights_only=True).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from ..errors import NoisecraftError
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write bytes to path atomically (temp file + fsync + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_json(obj, path: str | Path) -> Path:
+    return atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def load_json(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise NoisecraftError(f"{path} does not exist; check the path.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise NoisecraftError(f"{path} is not valid JSON ({e.msg if hasattr(e, 'msg') else e}); restore or delete it.") from None
+
+
+def save_weights(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """Save a state dict as safetensors (contiguous CPU copies), atomically."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    return atomic_write_bytes(path, st_save(tensors, metadata=metadata))
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load a safetensors file; a missing or damaged file ends in a clear NoisecraftError."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise NoisecraftError(f"weights file {path} does not exist; check the run directory.") from None
+    try:
+        return st_load(data)
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise NoisecraftError(f"weights file {path} is damaged or not a safetensors file ({e}); "
+                              f"restore it or retrain.") from None
+
+
+def save_torch(obj, path: str | Path) -> Path:
+    """torch.save to bytes, written atomically. Only for tensors/containers that weights_only loading accepts."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def load_torch(path: str | Path):
+    """torch.load with weights_only=True: tensors and plain containers only, never arbitrary code."""
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise NoisecraftError(f"{path} does not exist; check the path.") from None
+    except Exception as e:  # pickle errors come in many types; all mean the same to a user
+        raise NoisecraftError(f"{path} could not be loaded safely ({type(e).__name__}); it is damaged or "
+                              f"holds objects other than tensors, so it was refused.") from None
+
+
+def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
+    """Swap a fully written tmp_dir into place of final_dir.
+
+    Between the two renames the previous version lives at `<final>.old`; `existing_state_dir` falls back
+    to it, so a crash at any moment leaves one complete version on disk.
+    """
+    old = final_dir.with_name(final_dir.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final_dir.exists():
+        os.replace(final_dir, old)
+    os.replace(tmp_dir, final_dir)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def existing_state_dir(final_dir: Path) -> Path | None:
+    """The complete state directory to resume from: final_dir, or its `.old` twin after a crash mid-swap."""
+    if (final_dir / "COMPLETE").exists():
+        return final_dir
+    old = final_dir.with_name(final_dir.name + ".old")
+    if (old / "COMPLETE").exists():
+        return old
+    return None

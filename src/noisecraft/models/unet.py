@@ -1,0 +1,238 @@
+"""A time-conditional U-Net for pixel-space diffusion (the DDPM architecture, Ho et al. 2020, §4 and appendix B).
+
+    input ─ conv ─┬─ [ResBlock (+Attention)] × n ─ Downsample ─ ... ─ middle (Res, Attn, Res) ─┐
+                  │            │ skip                                                       │
+                  └─ ... ─ [ResBlock(cat skip) (+Attention)] × (n+1) ─ Upsample ─ ... ─ norm ─ conv ─ output
+
+Every ResBlock receives the time embedding (and, for class-conditional models, a label embedding added
+to it) through a FiLM scale and shift after its second GroupNorm (improved DDPM, Nichol & Dhariwal 2021).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import NoisecraftError
+from .attention import SelfAttention2d
+from .embeddings import LabelEmbedding, TimeEmbedding
+
+
+@dataclass
+class UNetConfig:
+    """Everything needed to rebuild a UNet; stored in a run's config.json."""
+
+    in_channels: int = 1
+    out_channels: int | None = None          # default: in_channels (ε, x0 or v prediction)
+    base_channels: int = 32
+    channel_mults: tuple[int, ...] = (1, 2, 4)
+    num_res_blocks: int = 2
+    attention_levels: tuple[int, ...] = (2,)  # level 0 is full resolution; each level halves H and W
+    head_dim: int = 32
+    dropout: float = 0.1
+    num_classes: int = 0                      # 0: unconditional; >0 adds a label embedding with a null class
+    groups: int = 8                           # GroupNorm groups
+
+    def __post_init__(self):
+        self.channel_mults = tuple(self.channel_mults)
+        self.attention_levels = tuple(self.attention_levels)
+        if self.out_channels is None:
+            self.out_channels = self.in_channels
+        positive = ("in_channels", "out_channels", "base_channels", "num_res_blocks", "head_dim", "groups")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise NoisecraftError(f"model setting {name} must be a positive integer, got {value!r}.")
+        if not self.channel_mults or any(not isinstance(m, int) or m < 1 for m in self.channel_mults):
+            raise NoisecraftError(f"channel_mults must be positive integers, got {self.channel_mults!r}.")
+        for m in self.channel_mults:
+            if (self.base_channels * m) % self.groups:
+                raise NoisecraftError(
+                    f"every width base_channels*mult must be divisible by groups={self.groups}; "
+                    f"{self.base_channels}*{m} is not.")
+        if any(level not in range(len(self.channel_mults)) for level in self.attention_levels):
+            raise NoisecraftError(
+                f"attention_levels {self.attention_levels} must index channel_mults (0..{len(self.channel_mults) - 1}).")
+        if not 0 <= self.dropout < 1:
+            raise NoisecraftError(f"dropout must be in [0, 1), got {self.dropout}.")
+        if not isinstance(self.num_classes, int) or self.num_classes < 0:
+            raise NoisecraftError(f"num_classes must be a non-negative integer, got {self.num_classes!r}.")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "UNetConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise NoisecraftError(f"unknown model settings {unknown} in config; remove them (known: {sorted(known)}).")
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["channel_mults"] = list(self.channel_mults)
+        d["attention_levels"] = list(self.attention_levels)
+        return d
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.channel_mults) - 1)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm → SiLU → conv, then GroupNorm with a FiLM (scale, shift) from the embedding → SiLU → dropout → conv,
+    plus a (1×1 if the width changes) skip connection."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, groups: int):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, 2 * out_ch)
+        self.norm2 = nn.GroupNorm(groups, out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)  # a fresh block is the identity: stabler early training
+        nn.init.zeros_(self.conv2.bias)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        scale, shift = self.emb(emb)[:, :, None, None].chunk(2, dim=1)
+        h = self.norm2(h) * (1 + scale) + shift
+        h = self.conv2(self.dropout(F.silu(h)))
+        return self.skip(x) + h
+
+
+class Downsample(nn.Module):
+    """Halve H and W with a stride-2 3×3 convolution."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Double H and W (nearest neighbour), then a 3×3 convolution."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Level(nn.Module):
+    """The residual blocks (and optional attention) of one resolution level on one side of the U."""
+
+    def __init__(self, blocks: list[ResBlock], attentions: list[nn.Module]):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.attentions = nn.ModuleList(attentions)
+
+
+class UNet(nn.Module):
+    """ε/x0/v-prediction network f(x_t, t, labels) with the shape of its input.
+
+    `t` is a float tensor of timesteps (shape N, fractional values allowed); `labels` an int tensor
+    (shape N) for class-conditional models, where `num_classes` is the null label, or None.
+    """
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = c = config
+        widths = [c.base_channels * m for m in c.channel_mults]
+        emb_dim = 4 * c.base_channels
+        self.time_embed = TimeEmbedding(c.base_channels, emb_dim)
+        self.label_embed = LabelEmbedding(c.num_classes, emb_dim) if c.num_classes else None
+        self.conv_in = nn.Conv2d(c.in_channels, widths[0], 3, padding=1)
+
+        def attention(level: int, ch: int) -> nn.Module:
+            return SelfAttention2d(ch, c.head_dim, c.groups) if level in c.attention_levels else nn.Identity()
+
+        # Down path: remember the width of every skip connection it produces.
+        self.down, self.downsamplers = nn.ModuleList(), nn.ModuleList()
+        skip_widths, ch = [widths[0]], widths[0]
+        for level, width in enumerate(widths):
+            blocks, attns = [], []
+            for _ in range(c.num_res_blocks):
+                blocks.append(ResBlock(ch, width, emb_dim, c.dropout, c.groups))
+                attns.append(attention(level, width))
+                ch = width
+                skip_widths.append(ch)
+            self.down.append(Level(blocks, attns))
+            last = level == len(widths) - 1
+            self.downsamplers.append(nn.Identity() if last else Downsample(ch))
+            if not last:
+                skip_widths.append(ch)
+
+        self.mid_block1 = ResBlock(ch, ch, emb_dim, c.dropout, c.groups)
+        self.mid_attn = SelfAttention2d(ch, c.head_dim, c.groups)
+        self.mid_block2 = ResBlock(ch, ch, emb_dim, c.dropout, c.groups)
+
+        # Up path: each block consumes one skip connection, in reverse order.
+        self.up, self.upsamplers = nn.ModuleList(), nn.ModuleList()
+        for level in reversed(range(len(widths))):
+            blocks, attns = [], []
+            for _ in range(c.num_res_blocks + 1):
+                blocks.append(ResBlock(ch + skip_widths.pop(), widths[level], emb_dim, c.dropout, c.groups))
+                attns.append(attention(level, widths[level]))
+                ch = widths[level]
+            self.up.append(Level(blocks, attns))
+            self.upsamplers.append(Upsample(ch) if level > 0 else nn.Identity())
+
+        self.norm_out = nn.GroupNorm(c.groups, ch)
+        self.conv_out = nn.Conv2d(ch, c.out_channels, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise a clear error for inputs the network cannot take."""
+        c = self.config
+        if x.ndim != 4 or x.shape[1] != c.in_channels:
+            raise NoisecraftError(
+                f"the model expects images of shape N×{c.in_channels}×H×W, got {tuple(x.shape)}; "
+                f"check the channel count of your data.")
+        f = c.downsample_factor
+        if x.shape[2] % f or x.shape[3] % f:
+            raise NoisecraftError(
+                f"image size {x.shape[2]}×{x.shape[3]} is not divisible by {f} (the model halves it "
+                f"{len(c.channel_mults) - 1} times); use fewer channel_mults or resize the images.")
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        self.check_input(x)
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        emb = self.time_embed(t)
+        if self.label_embed is not None:
+            if labels is None:  # no label given: the unconditional model
+                labels = torch.full((x.shape[0],), self.label_embed.null_label, device=x.device)
+            emb = emb + self.label_embed(labels)
+        emb = F.silu(emb)
+
+        h = self.conv_in(x)
+        skips = [h]
+        for level, down in zip(self.down, self.downsamplers):
+            for block, attn in zip(level.blocks, level.attentions):
+                h = attn(block(h, emb))
+                skips.append(h)
+            if not isinstance(down, nn.Identity):
+                h = down(h)
+                skips.append(h)
+
+        h = self.mid_block2(self.mid_attn(self.mid_block1(h, emb)), emb)
+
+        for level, up in zip(self.up, self.upsamplers):
+            for block, attn in zip(level.blocks, level.attentions):
+                h = attn(block(torch.cat([h, skips.pop()], dim=1), emb))
+            h = up(h)
+
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

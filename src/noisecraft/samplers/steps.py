@@ -1,0 +1,45 @@
+"""Which noise levels a sampler visits: timestep spacings and σ schedules.
+
+A sampler gets a descending list of σ values ending in 0 (the clean image). For a discrete-time model
+they are the schedule's own σ_t at the chosen timesteps, so the network sees the timesteps it was
+trained on. Spacings as named by diffusers (Lin et al. 2023, "Common Diffusion Noise Schedules and
+Sample Steps are Flawed", table 2):
+
+    leading   t = 0, r, 2r, ... (r = T // steps)           DDIM paper, diffusers' default
+    trailing  t = T-1, T-1-r, ... counting down from T      reaches the noisiest step
+    linspace  t = round(linspace(0, T-1, steps))
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import NoisecraftError
+from ..schedule import NoiseSchedule
+
+SPACINGS = ("leading", "trailing", "linspace")
+
+
+def select_timesteps(schedule: NoiseSchedule, steps: int, spacing: str = "leading") -> torch.Tensor:
+    """Descending integer timesteps (length `steps`) chosen from 0..T-1."""
+    T = schedule.T
+    if not isinstance(steps, int) or not 1 <= steps <= T:
+        raise NoisecraftError(f"the number of sampling steps must be an integer in 1..{T}, got {steps!r}.")
+    if spacing == "leading":
+        ts = torch.arange(steps) * (T // steps)
+    elif spacing == "trailing":
+        ts = (torch.arange(T, 0, -T / steps).round() - 1).long().flip(0)
+    elif spacing == "linspace":
+        ts = torch.linspace(0, T - 1, steps).round().long()
+    else:
+        raise NoisecraftError(f"unknown timestep spacing {spacing!r}; choose one of {', '.join(SPACINGS)}.")
+    return ts.long().flip(0)
+
+
+def sigmas_from_timesteps(schedule: NoiseSchedule, timesteps: torch.Tensor) -> torch.Tensor:
+    """σ at each timestep, with a final 0 appended: the end of every sampling run is the clean image."""
+    return torch.cat([schedule.sigmas[timesteps.long()], torch.zeros(1, dtype=torch.float64)])
+
+
+def discrete_sigmas(schedule: NoiseSchedule, steps: int, spacing: str = "leading") -> torch.Tensor:
+    return sigmas_from_timesteps(schedule, select_timesteps(schedule, steps, spacing))

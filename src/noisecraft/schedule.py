@@ -1,0 +1,191 @@
+"""The noise schedule of a discrete-time diffusion model: one object, one source of truth.
+
+Notation follows Ho et al. 2020, "Denoising Diffusion Probabilistic Models" (DDPM):
+β_t is the variance added at step t, α_t = 1 - β_t and ᾱ_t = Π_{s≤t} α_s. Everything else is
+derived from ᾱ_t:
+
+    σ_t      = sqrt((1 - ᾱ_t) / ᾱ_t)        noise level in the "variance exploding" view (k-diffusion, EDM)
+    log-SNR  = log(ᾱ_t / (1 - ᾱ_t)) = -2 log σ_t
+
+Timesteps are 0-based: t = 0 is the first noising step, t = T-1 the last.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .errors import NoisecraftError
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "cosine")
+
+
+def linear_betas(T: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
+    """DDPM (Ho et al. 2020, §4): β_t linear from 1e-4 to 0.02 over T = 1000 steps."""
+    return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+
+
+def scaled_linear_betas(T: int, beta_start: float = 0.00085, beta_end: float = 0.012) -> torch.Tensor:
+    """Stable Diffusion / latent diffusion: sqrt(β_t) linear, i.e. β_t = (linspace of sqrt β)²."""
+    return torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float64) ** 2
+
+
+def cosine_betas(T: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
+    """Improved DDPM (Nichol & Dhariwal 2021, eq. 17): ᾱ_t = f(t)/f(0), f(t) = cos²(((t/T + s)/(1 + s))·π/2).
+
+    β_t = 1 - ᾱ_t/ᾱ_{t-1}, clipped to max_beta = 0.999 to avoid a singularity at t = T.
+    """
+    def f(t: float) -> float:
+        return math.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2
+
+    betas = [min(1 - f(i + 1) / f(i), max_beta) for i in range(T)]
+    return torch.tensor(betas, dtype=torch.float64)
+
+
+def _broadcast(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Pick values[t] for each batch item and shape it to broadcast against `like` (N, C, H, W)."""
+    out = values.to(like.device)[t.to(like.device).long()].to(like.dtype)
+    return out.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+@dataclass
+class NoiseSchedule:
+    """β_t for t = 0..T-1 and everything derived from ᾱ_t (kept in float64, cast at use).
+
+    Build one with `NoiseSchedule.create("linear" | "scaled_linear" | "cosine", T)`.
+    """
+
+    betas: torch.Tensor
+    kind: str = "custom"
+
+    def __post_init__(self):
+        betas = torch.as_tensor(self.betas, dtype=torch.float64)
+        if betas.ndim != 1 or len(betas) < 2 or not bool(((betas > 0) & (betas < 1)).all()):
+            raise NoisecraftError("betas must be a 1-D sequence of at least 2 values in (0, 1); check the schedule settings.")
+        self.betas = betas
+        self.alphas = 1.0 - betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        # ᾱ_{t-1}, with ᾱ_{-1} = 1 (no noise before the first step).
+        self.alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod[:-1]])
+        self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt()
+        self.log_snr = torch.log(self.alphas_cumprod) - torch.log1p(-self.alphas_cumprod)
+        # Posterior q(x_{t-1} | x_t, x_0) (DDPM eq. 6-7).
+        self.posterior_variance = betas * (1 - self.alphas_cumprod_prev) / (1 - self.alphas_cumprod)
+        self.posterior_mean_coef_x0 = betas * self.alphas_cumprod_prev.sqrt() / (1 - self.alphas_cumprod)
+        self.posterior_mean_coef_xt = (1 - self.alphas_cumprod_prev) * self.alphas.sqrt() / (1 - self.alphas_cumprod)
+
+    @classmethod
+    def create(cls, kind: str = "linear", T: int = 1000, beta_start: float | None = None,
+               beta_end: float | None = None) -> "NoiseSchedule":
+        """A named beta schedule: `linear` (DDPM), `scaled_linear` (Stable Diffusion) or `cosine` (improved DDPM)."""
+        if not isinstance(T, int) or T < 2:
+            raise NoisecraftError(f"the number of diffusion steps T must be an integer >= 2, got {T!r}.")
+        kw = {k: v for k, v in (("beta_start", beta_start), ("beta_end", beta_end)) if v is not None}
+        if kind == "linear":
+            betas = linear_betas(T, **kw)
+        elif kind == "scaled_linear":
+            betas = scaled_linear_betas(T, **kw)
+        elif kind in ("cosine", "squaredcos_cap_v2"):
+            if kw:
+                raise NoisecraftError("the cosine schedule takes no beta_start/beta_end; remove them or use 'linear'.")
+            betas, kind = cosine_betas(T), "cosine"
+        else:
+            raise NoisecraftError(f"unknown beta schedule {kind!r}; choose one of {', '.join(BETA_SCHEDULES)}.")
+        schedule = cls(betas, kind=kind)
+        schedule.beta_range = kw
+        return schedule
+
+    @property
+    def T(self) -> int:
+        return len(self.betas)
+
+    # --- forward process ------------------------------------------------------------------
+
+    def q_step(self, x_prev: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """One forward step q(x_t | x_{t-1}) = N(sqrt(1 - β_t) x_{t-1}, β_t I)  (DDPM eq. 2)."""
+        beta = _broadcast(self.betas, t, x_prev)
+        return (1 - beta).sqrt() * x_prev + beta.sqrt() * noise
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Closed form q(x_t | x_0) = N(sqrt(ᾱ_t) x_0, (1 - ᾱ_t) I)  (DDPM eq. 4)."""
+        a = _broadcast(self.alphas_cumprod, t, x0)
+        return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+    # --- posterior ------------------------------------------------------------------------
+
+    def posterior(self, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q(x_{t-1} | x_t, x_0) = N(μ̃_t, β̃_t I)  (DDPM eq. 6-7). Returns (mean, variance).
+
+        μ̃_t = sqrt(ᾱ_{t-1}) β_t / (1 - ᾱ_t) · x_0 + sqrt(α_t) (1 - ᾱ_{t-1}) / (1 - ᾱ_t) · x_t
+        β̃_t = (1 - ᾱ_{t-1}) / (1 - ᾱ_t) · β_t
+        """
+        mean = _broadcast(self.posterior_mean_coef_x0, t, x0) * x0 + _broadcast(self.posterior_mean_coef_xt, t, xt) * xt
+        var = _broadcast(self.posterior_variance, t, x0).expand_as(mean)
+        return mean, var
+
+    # --- prediction-type conversions (all in the VP view: x_t = sqrt(ᾱ) x0 + sqrt(1-ᾱ) ε) ---
+
+    def eps_from_x0(self, xt, x0, t):
+        a = _broadcast(self.alphas_cumprod, t, xt)
+        return (xt - a.sqrt() * x0) / (1 - a).sqrt()
+
+    def x0_from_eps(self, xt, eps, t):
+        a = _broadcast(self.alphas_cumprod, t, xt)
+        return (xt - (1 - a).sqrt() * eps) / a.sqrt()
+
+    def v_from(self, x0, eps, t):
+        """Velocity v = sqrt(ᾱ) ε - sqrt(1-ᾱ) x0 (Salimans & Ho 2022, "Progressive Distillation", §4)."""
+        a = _broadcast(self.alphas_cumprod, t, x0)
+        return a.sqrt() * eps - (1 - a).sqrt() * x0
+
+    def x0_from_v(self, xt, v, t):
+        a = _broadcast(self.alphas_cumprod, t, xt)
+        return a.sqrt() * xt - (1 - a).sqrt() * v
+
+    def eps_from_v(self, xt, v, t):
+        a = _broadcast(self.alphas_cumprod, t, xt)
+        return (1 - a).sqrt() * xt + a.sqrt() * v
+
+    # --- σ <-> t ------------------------------------------------------------------------
+
+    def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Continuous timestep for a noise level, by linear interpolation of log σ over the T levels.
+
+        Exact at the schedule's own σ_t, so discrete samplers feed the network integer timesteps.
+        """
+        log_sigmas = self.sigmas.log().to(sigma.device)
+        log_sigma = sigma.to(torch.float64).clamp(min=1e-20).log()
+        idx = torch.searchsorted(log_sigmas, log_sigma).clamp(1, self.T - 1)
+        low, high = log_sigmas[idx - 1], log_sigmas[idx]
+        w = ((log_sigma - low) / (high - low)).clamp(0, 1)
+        return (idx - 1 + w).to(torch.float32)
+
+    def t_to_sigma(self, t: torch.Tensor) -> torch.Tensor:
+        """σ at a (possibly fractional) timestep, interpolating log σ."""
+        t = t.to(torch.float64).clamp(0, self.T - 1)
+        low = t.floor().long()
+        high = t.ceil().long()
+        w = t - low
+        log_sigmas = self.sigmas.log().to(t.device)
+        return ((1 - w) * log_sigmas[low] + w * log_sigmas[high]).exp()
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.sigmas[0])
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.sigmas[-1])
+
+    def to_config(self) -> dict:
+        """What `NoiseSchedule.create(**config)` needs to rebuild this schedule."""
+        if self.kind == "custom":
+            raise NoisecraftError("a custom beta schedule cannot be stored in a config; use a named schedule.")
+        return {"kind": self.kind, "T": self.T, **getattr(self, "beta_range", {})}
+
+
+def alpha_bar_from_sigma(sigma: torch.Tensor) -> torch.Tensor:
+    """ᾱ = 1 / (1 + σ²); σ = 0 gives ᾱ = 1 (clean data)."""
+    return 1.0 / (1.0 + sigma**2)

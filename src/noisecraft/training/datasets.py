@@ -1,0 +1,375 @@
+"""In-memory image datasets: scikit-learn digits, MNIST, Fashion-MNIST and any folder of images.
+
+Everything is held as one uint8 N×C×H×W tensor, so a training batch is a single indexing op.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from noisecraft.errors import NoisecraftError
+from noisecraft.training.download import SOURCES, ensure_files
+
+DATASET_NAMES = ("digits", "mnist", "fashion-mnist")  # plus "folder:PATH"
+SPLITS = ("train", "test")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
+
+DIGIT_CLASSES = [str(i) for i in range(10)]
+FASHION_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]
+DIGITS_TRAIN, DIGITS_TEST, DIGITS_SEED = 1500, 297, 0
+
+
+@dataclass(repr=False)
+class ImageDataset:
+    """Images as uint8 N×C×H×W in memory, with optional int64 labels."""
+
+    images: torch.Tensor
+    labels: torch.Tensor | None
+    class_names: list[str]
+    name: str
+
+    def __post_init__(self) -> None:
+        # Programming errors, not user errors: the loaders below always build valid datasets.
+        if self.images.dtype != torch.uint8 or self.images.ndim != 4:
+            raise ValueError(
+                f"images must be uint8 N×C×H×W, got {self.images.dtype} {tuple(self.images.shape)}"
+            )
+        if self.labels is not None and self.labels.shape != (len(self.images),):
+            raise ValueError(
+                f"labels must have shape ({len(self.images)},), got {tuple(self.labels.shape)}"
+            )
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        c, h, w = self.images.shape[1:]
+        return (int(c), int(h), int(w))
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def __repr__(self) -> str:
+        return (f"ImageDataset(name={self.name!r}, n={len(self)}, image_shape={self.image_shape}, "
+                f"num_classes={self.num_classes})")
+
+    def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Images at `indices` as float32 in [-1, 1] (x / 127.5 - 1), and their labels (or None)."""
+        idx = torch.as_tensor(indices, dtype=torch.long, device=self.images.device)
+        x = self.images[idx].to(torch.float32) / 127.5 - 1.0
+        y = self.labels[idx] if self.labels is not None else None
+        return x, y
+
+    def subset(self, n: int) -> ImageDataset:
+        """The first `n` items (all of them if there are fewer), copied so the full set can be freed."""
+        if n < 0:
+            raise ValueError(f"subset size must be >= 0, got {n}")
+        labels = self.labels[:n].clone() if self.labels is not None else None
+        return ImageDataset(self.images[:n].clone(), labels, list(self.class_names), self.name)
+
+
+def resolve_data_dir(data_dir: str | Path | None = None) -> Path:
+    """Data folder: the explicit argument, else $NOISECRAFT_DATA, else ~/.cache/noisecraft."""
+    if data_dir is not None and str(data_dir) != "":
+        return Path(data_dir).expanduser()
+    env = os.environ.get("NOISECRAFT_DATA")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "noisecraft"
+
+
+def load_dataset(
+    name: str, split: str = "train", data_dir: str | Path | None = None, download: bool = True,
+    image_size: int | None = None,
+) -> ImageDataset:
+    """Load a dataset by name: "digits", "mnist", "fashion-mnist" or "folder:PATH".
+
+    `split` is "train" or "test". `image_size`, when given, resizes every image to a square of that
+    side (bilinear; non-square folder images are centre-cropped first). MNIST-style files are read
+    from `<data_dir>/<name>/` and downloaded there if missing and `download` is true. A folder
+    dataset has no test split: `split="test"` raises NoisecraftError rather than silently returning
+    the training images, so that test metrics are never computed on training data by accident.
+    """
+    if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
+        raise NoisecraftError(
+            f"Image size must be a positive integer, got {image_size!r}; pass e.g. --image-size 32."
+        )
+    if split not in SPLITS:
+        raise NoisecraftError(f"Unknown split {split!r}; use one of {', '.join(SPLITS)}.")
+
+    if name.startswith("folder:"):
+        if split == "test":
+            raise NoisecraftError(
+                f"Folder dataset {name!r} has no test split; use split 'train', or put test images "
+                "in a separate folder and load that as its own 'folder:PATH' dataset."
+            )
+        return _load_folder(name[len("folder:"):], image_size)
+
+    key = name.strip().lower().replace("_", "-")
+    if key == "digits":
+        return _load_digits(split, image_size)
+    if key in SOURCES:
+        return _load_idx_dataset(key, split, resolve_data_dir(data_dir), download, image_size)
+    raise NoisecraftError(
+        f"Unknown dataset {name!r}; use one of {', '.join(DATASET_NAMES)}, "
+        "or folder:PATH for a folder of images."
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Resizing
+
+
+def _resize(images: torch.Tensor, size: int, chunk: int = 4096) -> torch.Tensor:
+    """Bilinear resize of uint8 N×C×H×W to N×C×size×size, in chunks to bound float memory."""
+    if images.shape[-2:] == (size, size):
+        return images
+    # Antialiasing only matters when shrinking; without it downscaled digits alias badly.
+    shrink = size < max(images.shape[-2:])
+    out = torch.empty((*images.shape[:2], size, size), dtype=torch.uint8)
+    for start in range(0, len(images), chunk):
+        x = images[start:start + chunk].to(torch.float32)
+        y = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=shrink)
+        out[start:start + chunk] = y.round_().clamp_(0, 255).to(torch.uint8)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# scikit-learn digits
+
+
+def _load_digits(split: str, image_size: int | None) -> ImageDataset:
+    from sklearn.datasets import load_digits  # bundled with scikit-learn, so no download
+
+    digits = load_digits()
+    # 0..16 -> 0..255 in float; round once, after upscaling, to avoid double quantisation.
+    x = torch.from_numpy(digits.images.astype(np.float32) * (255.0 / 16.0)).unsqueeze(1)
+    size = image_size or 16
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=size < 8)
+    images = x.round_().clamp_(0, 255).to(torch.uint8)
+    labels = torch.from_numpy(digits.target.astype(np.int64))
+
+    # numpy's legacy RandomState guarantees the same stream across numpy versions.
+    order = torch.from_numpy(np.random.RandomState(DIGITS_SEED).permutation(len(images)))
+    idx = order[:DIGITS_TRAIN] if split == "train" else order[-DIGITS_TEST:]
+    return ImageDataset(images[idx].contiguous(), labels[idx].contiguous(), list(DIGIT_CLASSES), "digits")
+
+
+# --------------------------------------------------------------------------------------------------
+# MNIST-style gzip IDX files
+
+
+def parse_idx(data: bytes, *, ndim: int, source: str = "IDX file") -> np.ndarray:
+    """Parse IDX bytes (gzip-compressed or raw) holding unsigned bytes with `ndim` dimensions.
+
+    Checks the magic number (0x0000 08 <ndim>), the dimension count and the exact payload size, so a
+    truncated or foreign file gives a NoisecraftError instead of garbage images. The `source` text
+    (e.g. "MNIST file /x/train-images-idx3-ubyte.gz") starts every message.
+    """
+    fix = "delete it and run again to re-download"
+    if data[:2] == b"\x1f\x8b":  # sniff gzip by content, so already-gunzipped copies also work
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as err:
+            raise NoisecraftError(f"{source} is not a valid gzip file ({err}); {fix}.") from None
+    header = 4 + 4 * ndim
+    expected_magic = 0x0800 + ndim
+    if len(data) < 4:
+        raise NoisecraftError(f"{source} is truncated (only {len(data)} bytes, no IDX header); {fix}.")
+    magic = int.from_bytes(data[:4], "big")
+    if magic != expected_magic:
+        raise NoisecraftError(
+            f"{source} has IDX magic number 0x{magic:08x} but expected 0x{expected_magic:08x} "
+            f"(unsigned bytes, {ndim} dimension{'s' if ndim > 1 else ''}); {fix}."
+        )
+    if len(data) < header:
+        raise NoisecraftError(
+            f"{source} is truncated (header needs {header} bytes, got {len(data)}); {fix}."
+        )
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    expected = int(np.prod(dims, dtype=object))
+    got = len(data) - header
+    if got != expected:
+        what = "is truncated" if got < expected else "has trailing bytes"
+        raise NoisecraftError(
+            f"{source} {what} (expected {expected} bytes of {'×'.join(map(str, dims))} data, "
+            f"got {got}); {fix}."
+        )
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def _load_idx_dataset(
+    key: str, split: str, data_dir: Path, download: bool, image_size: int | None,
+) -> ImageDataset:
+    source = SOURCES[key]
+    prefix = "train" if split == "train" else "t10k"
+    image_file, label_file = f"{prefix}-images-idx3-ubyte.gz", f"{prefix}-labels-idx1-ubyte.gz"
+    # Fetch all four files on first use: one folder then always holds a complete dataset.
+    folder = ensure_files(key, data_dir, download=download)
+
+    def read(file_name: str, ndim: int) -> np.ndarray:
+        path = folder / file_name
+        try:
+            data = path.read_bytes()
+        except OSError as err:
+            raise NoisecraftError(
+                f"Cannot read {source.title} file {path} ({err.strerror or err}); "
+                "check its permissions or delete it to re-download."
+            ) from None
+        return parse_idx(data, ndim=ndim, source=f"{source.title} file {path}")
+
+    pixels = read(image_file, 3)
+    targets = read(label_file, 1)
+    if len(pixels) != len(targets):
+        raise NoisecraftError(
+            f"{source.title} files in {folder} disagree: {image_file} holds {len(pixels)} images but "
+            f"{label_file} holds {len(targets)} labels; delete both and run again to re-download."
+        )
+    if len(pixels) == 0:
+        raise NoisecraftError(
+            f"{source.title} file {folder / image_file} holds no images; "
+            "delete it and run again to re-download."
+        )
+    classes = FASHION_CLASSES if key == "fashion-mnist" else DIGIT_CLASSES
+    if int(targets.max()) >= len(classes):
+        raise NoisecraftError(
+            f"{source.title} file {folder / label_file} has label {int(targets.max())} but only "
+            f"{len(classes)} classes exist; delete it and run again to re-download."
+        )
+    # .copy(): frombuffer views are read-only and torch refuses to wrap them without a warning.
+    images = torch.from_numpy(pixels.copy()).unsqueeze(1)
+    labels = torch.from_numpy(targets.astype(np.int64))
+    if image_size is not None:
+        images = _resize(images, image_size)
+    return ImageDataset(images, labels, list(classes), key)
+
+
+# --------------------------------------------------------------------------------------------------
+# Folder of images
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """Image files under `folder` (recursively), sorted, skipping hidden names like macOS '._x.png'."""
+    return sorted(
+        p for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+
+
+def _open_image(path: Path):
+    """Open one image as "L" or "RGB" (transparency flattened onto black), or raise NoisecraftError."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()  # decode now, inside the try, so a corrupt body is caught here
+            mode, bands = im.mode, im.getbands()
+            if mode == "P":  # a palette may be grey or colour: look at the actual colours
+                im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+                rgb = np.asarray(im)[..., :3]
+                grey = bool((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all())
+                bands = im.getbands()
+            else:
+                grey = bands[0] in ("L", "1", "I", "F") and len(bands) <= 2
+            if "A" in bands:
+                # Fully transparent pixels carry arbitrary colours; compositing onto black is predictable.
+                rgba = im.convert("RGBA")
+                background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+                background.alpha_composite(rgba)
+                im = background
+            elif mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+                # 16-bit / float greys: scale to 0..255 instead of letting PIL clip them.
+                arr = np.asarray(im, dtype=np.float64)
+                top = 65535.0 if arr.max() > 255 else 255.0
+                im = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+            return im.convert("L" if grey else "RGB")
+    except NoisecraftError:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise NoisecraftError(
+            f"Cannot read image file {path} ({type(err).__name__}: {err}); delete or replace it."
+        ) from None
+
+
+def _square(im, size: int):
+    """Centre-crop to the largest square, then bilinear-resize, so nothing is stretched."""
+    from PIL import Image
+
+    w, h = im.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    im = im.crop((left, top, left + side, top + side))
+    return im if side == size else im.resize((size, size), Image.Resampling.BILINEAR)
+
+
+def _load_folder(path_text: str, image_size: int | None) -> ImageDataset:
+    if not path_text.strip():
+        raise NoisecraftError(
+            "Dataset 'folder:' needs a path; pass it as folder:PATH, e.g. folder:./my_images."
+        )
+    root = Path(path_text).expanduser()
+    if not root.is_dir():
+        what = "is not a folder" if root.exists() else "does not exist"
+        raise NoisecraftError(
+            f"Image folder {root} {what}; pass folder:PATH with an existing folder of images."
+        )
+
+    class_dirs = sorted(
+        d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and _image_files(d)
+    )
+    if class_dirs:
+        loose = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                 and not p.name.startswith(".")]
+        if loose:
+            raise NoisecraftError(
+                f"Image folder {root} mixes {len(loose)} loose image(s) (e.g. {loose[0].name}) with class "
+                "sub-folders; move them into a sub-folder or out of the folder."
+            )
+        files, label_list = [], []
+        for label, d in enumerate(class_dirs):
+            these = _image_files(d)
+            files += these
+            label_list += [label] * len(these)
+        class_names = [d.name for d in class_dirs]
+        labels = torch.tensor(label_list, dtype=torch.int64)
+    else:
+        files, class_names, labels = _image_files(root), [], None
+    if not files:
+        raise NoisecraftError(
+            f"Image folder {root} holds no images ({', '.join(IMAGE_EXTENSIONS)}); add some, "
+            "directly or in one sub-folder per class."
+        )
+
+    pictures = [_open_image(p) for p in files]
+    mode = "L" if all(im.mode == "L" for im in pictures) else "RGB"
+    pictures = [im.convert(mode) for im in pictures]
+    if image_size is not None:
+        pictures = [_square(im, image_size) for im in pictures]
+    else:
+        sizes = {im.size for im in pictures}
+        if len(sizes) > 1:
+            (w1, h1), (w2, h2) = sorted(sizes)[:2]
+            raise NoisecraftError(
+                f"Images in {root} have {len(sizes)} different sizes (e.g. {w1}×{h1} and {w2}×{h2}); "
+                "pass --image-size N to centre-crop and resize them all to N×N."
+            )
+    arrays = np.stack([np.asarray(im, dtype=np.uint8) for im in pictures])
+    if arrays.ndim == 3:  # grayscale: N×H×W -> N×1×H×W
+        images = torch.from_numpy(arrays).unsqueeze(1)
+    else:
+        images = torch.from_numpy(arrays).permute(0, 3, 1, 2).contiguous()
+    return ImageDataset(images, labels, class_names, f"folder:{path_text}")

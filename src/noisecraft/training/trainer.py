@@ -1,0 +1,247 @@
+"""The training loop: DDPM Algorithm 1 with AdamW, warm-up, clipping, EMA, checkpoints and exact resume.
+
+Run directory layout (one self-describing folder):
+
+    config.json          everything needed to rebuild the model and schedule (RunConfig)
+    model.safetensors    EMA weights, what sampling uses
+    state/               exact-resume state: model.safetensors (raw weights), ema.safetensors,
+                         optimizer.pt (weights-only torch file), trainer.json (step, time), rng.safetensors
+    log.csv              step, loss, lr, images_per_s, elapsed_s
+    samples/             sample grids written during training
+
+Determinism: the data order depends only on (seed, step) — epoch e uses permutation seed·1000003 + e — and
+the noise, t and label dropout come from one generator whose state is checkpointed with the global RNG
+(dropout). So on CPU, N steps + resume + N steps reproduce 2N steps straight, bit for bit.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import NoisecraftError
+from ..io.checkpoint import (existing_state_dir, load_json, load_torch, load_weights, replace_dir, save_json,
+                             save_torch, save_weights)
+from ..losses import diffusion_loss
+from ..models.unet import UNet
+from ..schedule import NoiseSchedule
+from .config import RunConfig
+from .datasets import ImageDataset
+from .ema import EMA
+
+LOG_HEADER = ["step", "loss", "lr", "images_per_s", "elapsed_s"]
+
+
+class TrainingDiverged(NoisecraftError):
+    pass
+
+
+class Trainer:
+    """Trains a UNet on an ImageDataset into a run directory. `fit()` runs until the step or time budget."""
+
+    def __init__(self, config: RunConfig, dataset: ImageDataset, out_dir: str | Path, device: str = "cpu",
+                 progress: bool = True):
+        self.config = config
+        self.dataset = dataset
+        self.out_dir = Path(out_dir)
+        self.device = torch.device(device)
+        self.progress = progress
+        d = config.diffusion
+        self.schedule = NoiseSchedule.create(d.schedule, d.T)
+        torch.manual_seed(config.train.seed)    # the same initial weights for the same seed
+        self.model = UNet(config.model).to(self.device)
+        self.ema = EMA(self.model, config.train.ema_decay)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.train.lr,
+                                           weight_decay=config.train.weight_decay)
+        self.generator = torch.Generator("cpu").manual_seed(config.train.seed)
+        self.step = 0
+        self.elapsed_before = 0.0     # training seconds spent by earlier invocations
+        self._perm_epoch, self._perm = -1, None
+        self._check_dataset()
+
+    # --- data -----------------------------------------------------------------------------
+
+    def _check_dataset(self) -> None:
+        expected = tuple(self.config.data.image_shape)
+        if tuple(self.dataset.image_shape) != expected:
+            raise NoisecraftError(f"dataset images have shape {tuple(self.dataset.image_shape)} but the run expects "
+                                  f"{expected}; use the same dataset and --image-size as when the run started.")
+        if len(self.dataset) < self.config.train.batch_size:
+            raise NoisecraftError(f"the dataset has {len(self.dataset)} images, fewer than the batch size "
+                                  f"{self.config.train.batch_size}; lower --batch-size.")
+        if self.config.data.conditional and self.dataset.labels is None:
+            raise NoisecraftError("--conditional needs a labelled dataset (class sub-folders for folder:PATH).")
+
+    def batch_indices(self, step: int) -> torch.Tensor:
+        """Indices of the examples for `step`: consecutive slices of a per-epoch permutation (drop last)."""
+        bs = self.config.train.batch_size
+        per_epoch = len(self.dataset) // bs
+        epoch, i = divmod(step, per_epoch)
+        if epoch != self._perm_epoch:
+            g = torch.Generator("cpu").manual_seed(self.config.train.seed * 1000003 + epoch)
+            self._perm, self._perm_epoch = torch.randperm(len(self.dataset), generator=g), epoch
+        return self._perm[i * bs:(i + 1) * bs]
+
+    # --- one step -------------------------------------------------------------------------
+
+    def lr_at(self, step: int) -> float:
+        warmup = self.config.train.warmup_steps
+        return self.config.train.lr * min(1.0, (step + 1) / warmup) if warmup else self.config.train.lr
+
+    def train_step(self) -> float:
+        cfg, g = self.config, self.generator
+        x0, labels = self.dataset.batch(self.batch_indices(self.step))
+        x0 = x0.to(self.device)
+        n = x0.shape[0]
+        t = torch.randint(0, self.schedule.T, (n,), generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        cond = None
+        if cfg.data.conditional:
+            drop = torch.rand(n, generator=g) < cfg.train.label_dropout
+            cond = torch.where(drop, torch.full_like(labels, cfg.model.num_classes), labels).to(self.device)
+        self.model.train()
+        loss = diffusion_loss(self.model, self.schedule, x0, t.to(self.device), noise.to(self.device), cond,
+                              cfg.diffusion.prediction, cfg.diffusion.min_snr_gamma).mean()
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(
+                f"the loss became {loss.item()} at step {self.step}; the last good checkpoint in {self.out_dir} "
+                f"is kept — resume with a lower --lr.")
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(self.step)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.train.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
+        self.optimizer.step()
+        self.ema.update(self.model, self.step)
+        self.step += 1
+        return loss.item()
+
+    # --- checkpoints ----------------------------------------------------------------------
+
+    def save_checkpoint(self) -> None:
+        """Write the exact-resume state (atomically, as a whole folder), then the EMA weights for sampling."""
+        out = self.out_dir
+        out.mkdir(parents=True, exist_ok=True)
+        save_json(self.config.to_dict(), out / "config.json")
+        tmp = out / "state.tmp"
+        if tmp.exists():
+            import shutil
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        save_weights(self.model.state_dict(), tmp / "model.safetensors")
+        save_weights(self.ema.state_dict(), tmp / "ema.safetensors")
+        save_torch(self.optimizer.state_dict(), tmp / "optimizer.pt")
+        save_weights({"generator": self.generator.get_state(), "torch_global": torch.get_rng_state()},
+                     tmp / "rng.safetensors")
+        save_json({"step": self.step, "elapsed_s": self.elapsed_before + self._elapsed()}, tmp / "trainer.json")
+        save_json({"step": self.step}, tmp / "COMPLETE")   # written last: marks the folder as whole
+        replace_dir(tmp, out / "state")
+        save_weights(self.ema.state_dict(), out / "model.safetensors", metadata={"step": str(self.step), "weights": "ema"})
+
+    def load_checkpoint(self) -> None:
+        state = existing_state_dir(self.out_dir / "state")
+        if state is None:
+            raise NoisecraftError(f"{self.out_dir} holds no complete training state to resume from; "
+                                  f"start a new run with --out instead of --resume.")
+        try:
+            self.model.load_state_dict(load_weights(state / "model.safetensors"))
+            self.ema.load_state_dict(load_weights(state / "ema.safetensors"))
+            self.optimizer.load_state_dict(load_torch(state / "optimizer.pt"))
+        except RuntimeError as e:
+            raise NoisecraftError(f"the weights in {state} do not fit the model in config.json ({str(e)[:200]}); "
+                                  f"the run directory is inconsistent.") from None
+        rng = load_weights(state / "rng.safetensors")
+        self.generator.set_state(rng["generator"])
+        torch.set_rng_state(rng["torch_global"])
+        info = load_json(state / "trainer.json")
+        self.step, self.elapsed_before = int(info["step"]), float(info["elapsed_s"])
+
+    # --- the loop -------------------------------------------------------------------------
+
+    def _elapsed(self) -> float:
+        return time.perf_counter() - self._t0 if hasattr(self, "_t0") else 0.0
+
+    def _log(self, row: list) -> None:
+        path = self.out_dir / "log.csv"
+        new = not path.exists()
+        with open(path, "a", newline="") as f:
+            w = csv.writer(f)
+            if new:
+                w.writerow(LOG_HEADER)
+            w.writerow(row)
+
+    def fit(self, sample_fn=None) -> dict:
+        """Train until `train.steps` total steps or `train.minutes` of this invocation, whichever first.
+
+        sample_fn(trainer, path) writes a sample grid every `sample_every` steps (the CLI passes one).
+        Returns a summary: steps, final loss, images/s, seconds.
+        """
+        cfg = self.config.train
+        if cfg.steps is None and cfg.minutes is None:
+            raise NoisecraftError("give a training budget: --steps N or --minutes M.")
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        deadline = None if cfg.minutes is None else cfg.minutes * 60.0
+        start_step = self.step
+        self._t0 = time.perf_counter()
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True)
+        losses, window_t0, window_step, last_loss = [], time.perf_counter(), self.step, float("nan")
+        try:
+            while (cfg.steps is None or self.step < cfg.steps) and (deadline is None or self._elapsed() < deadline):
+                last_loss = self.train_step()
+                losses.append(last_loss)
+                bar.update(1)
+                if cfg.log_every and self.step % cfg.log_every == 0:
+                    now = time.perf_counter()
+                    ips = (self.step - window_step) * cfg.batch_size / max(now - window_t0, 1e-9)
+                    self._log([self.step, f"{sum(losses) / len(losses):.6f}", f"{self.lr_at(self.step - 1):.3g}",
+                               f"{ips:.1f}", f"{self.elapsed_before + self._elapsed():.1f}"])
+                    bar.set_postfix(loss=f"{sum(losses) / len(losses):.4f}", img_s=f"{ips:.0f}",
+                                    left=self._time_left(deadline, ips, cfg))
+                    losses, window_t0, window_step = [], now, self.step
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                    self.save_checkpoint()
+                if sample_fn is not None and cfg.sample_every and self.step % cfg.sample_every == 0:
+                    sample_fn(self, self.out_dir / "samples" / f"step_{self.step:07d}.png")
+        except KeyboardInterrupt:
+            bar.write("interrupted: saving a checkpoint so that --resume continues from here")
+        finally:
+            bar.close()
+        seconds = self._elapsed()
+        self.save_checkpoint()
+        done = self.step - start_step
+        return {"steps": self.step, "steps_this_run": done, "loss": last_loss, "seconds": seconds,
+                "images_per_s": done * cfg.batch_size / max(seconds, 1e-9)}
+
+    def _time_left(self, deadline, ips, cfg) -> str:
+        if deadline is not None:
+            left = max(deadline - self._elapsed(), 0.0)
+        elif ips > 0:
+            left = (cfg.steps - self.step) * cfg.batch_size / ips
+        else:
+            return "?"
+        return f"{int(left // 60)}:{int(left % 60):02d}"
+
+
+def load_run_config(run_dir: str | Path) -> RunConfig:
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").exists():
+        raise NoisecraftError(f"{run_dir} is not a noisecraft run directory (no config.json); pass the folder "
+                              f"given to `noisecraft train --out`.")
+    return RunConfig.from_dict(load_json(run_dir / "config.json"))
+
+
+def resume_trainer(run_dir: str | Path, dataset: ImageDataset, device="cpu", progress=True, **train_overrides) -> Trainer:
+    """A Trainer restored from a run directory; train_overrides (steps, minutes, ...) change the budget."""
+    config = load_run_config(run_dir)
+    overrides = {k: v for k, v in train_overrides.items() if v is not None}
+    config = replace(config, train=replace(config.train, **overrides))
+    trainer = Trainer(config, dataset, run_dir, device=device, progress=progress)
+    trainer.load_checkpoint()
+    return trainer
