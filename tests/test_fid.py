@@ -173,6 +173,12 @@ def test_load_or_train_classifier_caches(monkeypatch, tmp_path):
     assert calls == [("bars", "train"), ("bars", "test")]
 
 
+def test_cache_key_is_a_safe_folder_name():
+    assert clf.cache_key("mnist", steps=300, seed=0) == f"mnist-{clf.CLASSIFIER_VERSION}-s300-seed0"
+    a, b = clf.cache_key("folder:/data/cats"), clf.cache_key("folder:/data_cats")
+    assert "/" not in a and ":" not in a and a != b
+
+
 # ---------------------------------------------------------------- domain score
 
 

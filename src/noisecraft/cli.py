@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 from .errors import NoisecraftError
+from .training.config import DEFAULT_MINUTES
 
-DEFAULT_MINUTES = 20.0
 
 
 # --- helpers shared by commands ---------------------------------------------------------------
@@ -47,30 +47,19 @@ def _sample_grid_fn(n: int = 16, steps: int = 25):
 
 
 def _build_config(args, dataset):
-    from .training.config import DataConfig, DiffusionConfig, RunConfig, TrainConfig, default_model_config
-    num_classes = dataset.num_classes if args.conditional else 0
-    model = default_model_config(dataset.image_shape, num_classes)
-    overrides = {k: getattr(args, k) for k in ("base_channels", "num_res_blocks", "dropout") if getattr(args, k) is not None}
+    from .training.config import make_run_config
+    model = {k: getattr(args, k) for k in ("base_channels", "num_res_blocks", "dropout")}
     if args.channel_mults:
-        overrides["channel_mults"] = tuple(int(m) for m in args.channel_mults.split(","))
-        overrides.setdefault("attention_levels", (len(overrides["channel_mults"]) - 1,))
+        model["channel_mults"] = tuple(int(m) for m in args.channel_mults.split(","))
     if args.attention_levels is not None:
-        overrides["attention_levels"] = tuple(int(a) for a in args.attention_levels.split(",") if a.strip())
-    if overrides:
-        from dataclasses import replace
-        model = type(model)(**{**model.to_dict(), **overrides})
-    diffusion = DiffusionConfig(**{k: v for k, v in dict(schedule=args.schedule, prediction=args.prediction,
-                                                          min_snr_gamma=args.min_snr_gamma).items() if v is not None})
+        model["attention_levels"] = tuple(int(a) for a in args.attention_levels.split(",") if a.strip())
+    diffusion = dict(schedule=args.schedule, prediction=args.prediction, min_snr_gamma=args.min_snr_gamma)
+    train = {k: getattr(args, k) for k in ("batch_size", "lr", "ema_decay", "warmup_steps", "steps", "minutes",
+                                           "seed", "label_dropout", "sample_every", "checkpoint_every")}
+    config = make_run_config(dataset, args.conditional, model, diffusion, train)
     if args.min_snr_gamma == 0:
-        diffusion.min_snr_gamma = None
-    train_kw = {k: getattr(args, k) for k in ("batch_size", "lr", "ema_decay", "warmup_steps", "steps", "minutes",
-                                              "seed", "label_dropout", "sample_every", "checkpoint_every")
-                if getattr(args, k) is not None}
-    if "steps" not in train_kw and "minutes" not in train_kw:
-        train_kw["minutes"] = DEFAULT_MINUTES
-    data = DataConfig(dataset=args.dataset, image_shape=tuple(dataset.image_shape),
-                      class_names=list(dataset.class_names), conditional=bool(args.conditional))
-    return RunConfig(model=model, diffusion=diffusion, train=TrainConfig(**train_kw), data=data)
+        config.diffusion.min_snr_gamma = None
+    return config
 
 
 # --- commands ---------------------------------------------------------------------------------
@@ -136,11 +125,23 @@ def cmd_sample(args) -> int:
     if args.variance is not None:
         options["variance"] = args.variance
     save_every = args.save_every or (max(1, args.steps // 25) if args.gif else 0)
+    bars = []
+
+    def progress(k):
+        # The bar opens at the first sampler step, after every argument has been checked, so a bad
+        # --sampler or --label prints only the error line.
+        if not bars:
+            bars.append(tqdm(total=args.n, unit="img", desc=f"{args.sampler}-{args.steps}"))
+        bars[0].update(k)
+
     t0 = time.perf_counter()
-    with tqdm(total=args.n, unit="img", desc=f"{args.sampler}-{args.steps}") as bar:
+    try:
         result = pipe.sample(args.n, sampler=args.sampler, steps=args.steps, seed=args.seed, label=args.label,
                              guidance=args.guidance, save_every=save_every, batch_size=args.batch_size,
-                             spacing=args.spacing, progress=bar.update, **options)
+                             spacing=args.spacing, progress=progress, **options)
+    finally:
+        for bar in bars:
+            bar.close()
     seconds = time.perf_counter() - t0
     written = []
     if args.out:

@@ -71,6 +71,10 @@ class NoiseSchedule:
         self.alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod[:-1]])
         self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt()
         self.log_snr = torch.log(self.alphas_cumprod) - torch.log1p(-self.alphas_cumprod)
+        # sqrt(ᾱ) and sqrt(1 - ᾱ) kept in float64: forming 1 - ᾱ after a cast to float32 keeps only ~4
+        # digits at small t (1 - ᾱ_0 = β_0 = 1e-4 for the linear schedule).
+        self.sqrt_alphas_cumprod = self.alphas_cumprod.sqrt()
+        self.sqrt_one_minus_alphas_cumprod = (1 - self.alphas_cumprod).sqrt()
         # Posterior q(x_{t-1} | x_t, x_0) (DDPM eq. 6-7).
         self.posterior_variance = betas * (1 - self.alphas_cumprod_prev) / (1 - self.alphas_cumprod)
         self.posterior_mean_coef_x0 = betas * self.alphas_cumprod_prev.sqrt() / (1 - self.alphas_cumprod)
@@ -110,8 +114,7 @@ class NoiseSchedule:
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Closed form q(x_t | x_0) = N(sqrt(ᾱ_t) x_0, (1 - ᾱ_t) I)  (DDPM eq. 4)."""
-        a = _broadcast(self.alphas_cumprod, t, x0)
-        return a.sqrt() * x0 + (1 - a).sqrt() * noise
+        return self._sqrt_a(t, x0) * x0 + self._sqrt_1ma(t, x0) * noise
 
     # --- posterior ------------------------------------------------------------------------
 
@@ -127,26 +130,27 @@ class NoiseSchedule:
 
     # --- prediction-type conversions (all in the VP view: x_t = sqrt(ᾱ) x0 + sqrt(1-ᾱ) ε) ---
 
+    def _sqrt_a(self, t, like):
+        return _broadcast(self.sqrt_alphas_cumprod, t, like)
+
+    def _sqrt_1ma(self, t, like):
+        return _broadcast(self.sqrt_one_minus_alphas_cumprod, t, like)
+
     def eps_from_x0(self, xt, x0, t):
-        a = _broadcast(self.alphas_cumprod, t, xt)
-        return (xt - a.sqrt() * x0) / (1 - a).sqrt()
+        return (xt - self._sqrt_a(t, xt) * x0) / self._sqrt_1ma(t, xt)
 
     def x0_from_eps(self, xt, eps, t):
-        a = _broadcast(self.alphas_cumprod, t, xt)
-        return (xt - (1 - a).sqrt() * eps) / a.sqrt()
+        return (xt - self._sqrt_1ma(t, xt) * eps) / self._sqrt_a(t, xt)
 
     def v_from(self, x0, eps, t):
         """Velocity v = sqrt(ᾱ) ε - sqrt(1-ᾱ) x0 (Salimans & Ho 2022, "Progressive Distillation", §4)."""
-        a = _broadcast(self.alphas_cumprod, t, x0)
-        return a.sqrt() * eps - (1 - a).sqrt() * x0
+        return self._sqrt_a(t, x0) * eps - self._sqrt_1ma(t, x0) * x0
 
     def x0_from_v(self, xt, v, t):
-        a = _broadcast(self.alphas_cumprod, t, xt)
-        return a.sqrt() * xt - (1 - a).sqrt() * v
+        return self._sqrt_a(t, xt) * xt - self._sqrt_1ma(t, xt) * v
 
     def eps_from_v(self, xt, v, t):
-        a = _broadcast(self.alphas_cumprod, t, xt)
-        return (1 - a).sqrt() * xt + a.sqrt() * v
+        return self._sqrt_1ma(t, xt) * xt + self._sqrt_a(t, xt) * v
 
     # --- σ <-> t ------------------------------------------------------------------------
 

@@ -152,8 +152,10 @@ def train_classifier(
         raise NoisecraftError(f"steps and batch_size must be positive, got steps={steps}, batch_size={batch_size}.")
     n = len(dataset.images)
     in_channels = int(dataset.images.shape[1])
-    torch.manual_seed(seed)  # weight initialisation
-    model = SmallClassifier(in_channels=in_channels, num_classes=int(dataset.num_classes)).to(device)
+    with torch.random.fork_rng(devices=[]):  # seeded weight initialisation, global RNG left untouched
+        torch.manual_seed(seed)
+        model = SmallClassifier(in_channels=in_channels, num_classes=int(dataset.num_classes))
+    model = model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, 2.0 * (1.0 - step / steps))
@@ -262,10 +264,12 @@ def load_classifier(directory, device: str | torch.device = "cpu") -> SmallClass
 
 
 def default_cache_dir(data_dir=None) -> Path:
-    """`<data dir>/classifiers`, where the data dir is `data_dir`, else $NOISECRAFT_DATA, else ~/.cache/noisecraft."""
-    from noisecraft.training.datasets import resolve_data_dir
+    """`$NOISECRAFT_CACHE`, else `~/.cache/noisecraft/classifiers`.
 
-    return resolve_data_dir(data_dir) / "classifiers"
+    Not beside the data: a shared or read-only data folder must never be written to.
+    """
+    env = os.environ.get("NOISECRAFT_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "noisecraft" / "classifiers"
 
 
 def cache_key(dataset_name: str, steps: int = DEFAULT_STEPS, seed: int = DEFAULT_SEED) -> str:
@@ -298,7 +302,7 @@ def load_or_train_classifier(
     """The evaluation classifier for a named dataset: load it from the cache, or train and cache it.
 
     The cache lives in `cache_dir/<dataset_name>-<CLASSIFIER_VERSION>-s<steps>-seed<seed>/` (see `cache_key`;
-    default cache dir: `default_cache_dir(data_dir)`, i.e. beside the data). Training uses the dataset's
+    default cache dir: `default_cache_dir()`, i.e. ~/.cache/noisecraft/classifiers). Training uses the dataset's
     train split at its native size; the test-split accuracy and the training time are recorded in the
     JSON file next to the weights. The 300 default steps take about 40 s on two CPU cores and reach
     about 98.7% test accuracy on MNIST.

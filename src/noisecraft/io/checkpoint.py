@@ -100,10 +100,15 @@ def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
     to it, so a crash at any moment leaves one complete version on disk.
     """
     old = final_dir.with_name(final_dir.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final_dir.exists():
+    if (final_dir / "COMPLETE").exists():
+        # final_dir is whole, so any `.old` is stale; move the current version aside.
+        if old.exists():
+            shutil.rmtree(old)
         os.replace(final_dir, old)
+    elif final_dir.exists():
+        shutil.rmtree(final_dir)  # never completed: nothing worth keeping
+    # Otherwise an earlier crash between the two renames left `.old` as the only complete version:
+    # it stays until the new one is in place.
     os.replace(tmp_dir, final_dir)
     if old.exists():
         shutil.rmtree(old)

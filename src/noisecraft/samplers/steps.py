@@ -12,6 +12,7 @@ Sample Steps are Flawed", table 2):
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..errors import NoisecraftError
@@ -25,12 +26,14 @@ def select_timesteps(schedule: NoiseSchedule, steps: int, spacing: str = "leadin
     T = schedule.T
     if not isinstance(steps, int) or not 1 <= steps <= T:
         raise NoisecraftError(f"the number of sampling steps must be an integer in 1..{T}, got {steps!r}.")
+    # trailing and linspace are computed in float64 with numpy, exactly as diffusers does: float32
+    # arithmetic lands some timesteps on an exact .5 that then rounds the other way (T=1000, 48 steps).
     if spacing == "leading":
         ts = torch.arange(steps) * (T // steps)
     elif spacing == "trailing":
-        ts = (torch.arange(T, 0, -T / steps).round() - 1).long().flip(0)
+        ts = torch.from_numpy(np.round(np.arange(T, 0, -T / steps)) - 1).long().flip(0)
     elif spacing == "linspace":
-        ts = torch.linspace(0, T - 1, steps).round().long()
+        ts = torch.from_numpy(np.linspace(0, T - 1, steps).round()).long()
     else:
         raise NoisecraftError(f"unknown timestep spacing {spacing!r}; choose one of {', '.join(SPACINGS)}.")
     return ts.long().flip(0)

@@ -15,6 +15,7 @@ from ..models.unet import UNetConfig
 from ..schedule import BETA_SCHEDULES
 
 CONFIG_VERSION = 1
+DEFAULT_MINUTES = 20.0   # the training budget when neither steps nor minutes is given
 
 
 def _from_dict(cls, data: Any, section: str):
@@ -150,3 +151,23 @@ def default_model_config(image_shape: tuple[int, int, int], num_classes: int = 0
     levels = len(mults)
     return UNetConfig(in_channels=c, base_channels=32, channel_mults=mults, num_res_blocks=2,
                       attention_levels=(levels - 1,), num_classes=num_classes)
+
+
+def make_run_config(dataset, conditional: bool = False, model: dict | None = None, diffusion: dict | None = None,
+                    train: dict | None = None) -> RunConfig:
+    """The default RunConfig for a dataset, with optional overrides per section (None values are ignored)."""
+    drop_none = lambda d: {k: v for k, v in (d or {}).items() if v is not None}
+    base = default_model_config(tuple(dataset.image_shape), dataset.num_classes if conditional else 0)
+    model_kw = {**base.to_dict(), **drop_none(model)}
+    if model and model.get("channel_mults") and not model.get("attention_levels"):
+        model_kw["attention_levels"] = (len(model_kw["channel_mults"]) - 1,)
+    train_kw = drop_none(train)
+    if train_kw.get("steps") is None and train_kw.get("minutes") is None:
+        train_kw["minutes"] = DEFAULT_MINUTES
+    return RunConfig(
+        model=UNetConfig(**model_kw),
+        diffusion=DiffusionConfig(**drop_none(diffusion)),
+        train=TrainConfig(**train_kw),
+        data=DataConfig(dataset=dataset.name, image_shape=tuple(dataset.image_shape),
+                        class_names=list(dataset.class_names), conditional=bool(conditional)),
+    )

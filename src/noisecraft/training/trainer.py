@@ -72,6 +72,8 @@ class Trainer:
         if tuple(self.dataset.image_shape) != expected:
             raise NoisecraftError(f"dataset images have shape {tuple(self.dataset.image_shape)} but the run expects "
                                   f"{expected}; use the same dataset and --image-size as when the run started.")
+        # Channel count and divisibility by the downsample factor: refuse now, not at the first step.
+        self.model.check_input(torch.empty((1, *expected), device="meta"))
         if len(self.dataset) < self.config.train.batch_size:
             raise NoisecraftError(f"the dataset has {len(self.dataset)} images, fewer than the batch size "
                                   f"{self.config.train.batch_size}; lower --batch-size.")
@@ -110,7 +112,7 @@ class Trainer:
                               cfg.diffusion.prediction, cfg.diffusion.min_snr_gamma).mean()
         if not torch.isfinite(loss):
             raise TrainingDiverged(
-                f"the loss became {loss.item()} at step {self.step}; the last good checkpoint in {self.out_dir} "
+                f"the loss became {loss.item()} at step {self.step + 1}; the last good checkpoint in {self.out_dir} "
                 f"is kept — resume with a lower --lr.")
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
