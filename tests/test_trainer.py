@@ -296,13 +296,13 @@ def test_nan_loss_raises_training_diverged_and_keeps_the_last_checkpoint(few_dig
     def loss_that_explodes_at_step_5(*args, **kwargs):
         calls.append(1)
         out = real_loss(*args, **kwargs)
-        return out * float("nan") if len(calls) == 6 else out   # the 6th call is step 5 (0-based)
+        return out * float("nan") if len(calls) == 6 else out   # the 6th step (numbered from 1, as in log.csv)
 
     config = make_config(steps=10, checkpoint_every=2)
     run = tmp_path / "run"
     trainer = quiet(config, few_digits, run)
     monkeypatch.setattr(trainer_module, "diffusion_loss", loss_that_explodes_at_step_5)
-    with pytest.raises(TrainingDiverged, match="at step 5") as info:
+    with pytest.raises(TrainingDiverged, match="at step 6") as info:
         trainer.fit()
     assert issubclass(TrainingDiverged, NoisecraftError)
     assert "nan" in str(info.value) and "--lr" in str(info.value)
