@@ -14,21 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from noisecraft.cli import main
 from noisecraft.io.checkpoint import load_json
 
 TINY = ["--base-channels", "8", "--channel-mults", "1,2", "--num-res-blocks", "1", "--attention-levels", "1"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
 
 import pytest
 import torch
@@ -22,14 +21,6 @@ from noisecraft.training import trainer as trainer_module
 from noisecraft.training.config import DataConfig, DiffusionConfig, RunConfig, TrainConfig
 from noisecraft.training.datasets import load_dataset
 from noisecraft.training.trainer import LOG_HEADER, Trainer, TrainingDiverged, load_run_config, resume_trainer
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -13,15 +13,6 @@ from noisecraft.models.embeddings import timestep_embedding
 from noisecraft.models.unet import UNet, UNetConfig, count_parameters
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny convolutions are slower with several threads on a busy machine; one thread is fastest here.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny(**overrides) -> UNetConfig:
     settings = dict(in_channels=1, base_channels=8, channel_mults=(1, 2), num_res_blocks=1,
                     attention_levels=(1,), head_dim=8, groups=4, dropout=0.0)

@@ -163,10 +163,7 @@ def cmd_sample(args) -> int:
 
 
 def cmd_viz(args) -> int:
-    import torch
-
     from .schedule import NoiseSchedule
-    from .viz.images import save_strip
     from .viz.plots import plot_schedules
 
     if args.what == "schedules":
@@ -208,7 +205,7 @@ def cmd_demo(args) -> int:
 
     out = Path(args.out)
     dataset = load_dataset("digits", split="train")
-    print(f"1/4 the forward process: a real digit from scikit-learn's bundled set, noised by q(x_t | x0)")
+    print("1/4 the forward process: a real digit from scikit-learn's bundled set, noised by q(x_t | x0)")
     strip = forward_strip(dataset, 0, NoiseSchedule.create("cosine", 1000), out / "forward.png")
     print(f"    wrote {strip}")
 

@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from noisecraft.errors import NoisecraftError
+from noisecraft.io.checkpoint import atomic_write_bytes
 
 # Bump this whenever the architecture, the training recipe or the preprocessing changes: cached
 # classifiers (and therefore every domain score) are keyed by it.
@@ -216,19 +216,6 @@ def accuracy(model: SmallClassifier, dataset, batch_size: int = 500) -> float:
 # saving and loading (safetensors + JSON, atomic writes)
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def save_classifier(model: SmallClassifier, directory, extra: dict | None = None) -> Path:
     """Write `classifier.safetensors` and `classifier.json` into `directory` (created if needed)."""
     from safetensors.torch import save as save_tensors
@@ -237,8 +224,8 @@ def save_classifier(model: SmallClassifier, directory, extra: dict | None = None
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta = {"version": CLASSIFIER_VERSION, "config": model.config, **(extra or {})}
     # Weights first, JSON last: a directory with a JSON file is a complete one.
-    _atomic_write_bytes(directory / "classifier.safetensors", save_tensors(state))
-    _atomic_write_bytes(directory / "classifier.json", (json.dumps(meta, indent=2) + "\n").encode())
+    atomic_write_bytes(directory / "classifier.safetensors", save_tensors(state))
+    atomic_write_bytes(directory / "classifier.json", (json.dumps(meta, indent=2) + "\n").encode())
     return directory
 
 

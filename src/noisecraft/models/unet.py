@@ -10,7 +10,7 @@ to it) through a FiLM scale and shift after its second GroupNorm (improved DDPM,
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F

@@ -149,8 +149,10 @@ def default_model_config(image_shape: tuple[int, int, int], num_classes: int = 0
     c, h, w = image_shape
     mults = (1, 2, 2) if min(h, w) < 64 else (1, 2, 2, 4)
     levels = len(mults)
-    return UNetConfig(in_channels=c, base_channels=32, channel_mults=mults, num_res_blocks=2,
-                      attention_levels=(levels - 1,), num_classes=num_classes)
+    # One ResBlock per level and no dropout: on a CPU budget the model is far from overfitting, and in
+    # 4 MNIST minutes this beat two blocks per level (domain score 99 vs 164; see the issue notes).
+    return UNetConfig(in_channels=c, base_channels=32, channel_mults=mults, num_res_blocks=1,
+                      attention_levels=(levels - 1,), dropout=0.0, num_classes=num_classes)
 
 
 def make_run_config(dataset, conditional: bool = False, model: dict | None = None, diffusion: dict | None = None,

@@ -17,7 +17,6 @@ the noise, t and label dropout come from one generator whose state is checkpoint
 from __future__ import annotations
 
 import csv
-import math
 import time
 from dataclasses import replace
 from pathlib import Path

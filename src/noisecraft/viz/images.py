@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from noisecraft.errors import NoisecraftError
+from noisecraft.io.checkpoint import atomic_write
 
 MIN_CELL_PX = 64  # save_* functions upscale each image until its longer side is at least this many pixels
 CAPTION_MARGIN = 4  # pixels of space around caption text
@@ -154,25 +153,6 @@ def _caption_below(image: Image.Image, text: str, font, fill: str, background: s
 # writing files
 
 
-def _write_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Call `write(tmp_path)` on a temporary file beside `path`, then rename it to `path`.
-
-    Parent directories are created. The temporary file keeps the target's extension, so writers that
-    infer the format from the name (Pillow, matplotlib) pick the right one. On failure it is removed.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def _save_image(image: Image.Image, path: str | os.PathLike, **params) -> Path:
     """Save a PIL image atomically; the format comes from the file extension (e.g. .png, .jpg, .gif)."""
     fmt = Image.registered_extensions().get(Path(path).suffix.lower())
@@ -182,7 +162,7 @@ def _save_image(image: Image.Image, path: str | os.PathLike, **params) -> Path:
         )
     if fmt == "JPEG" and image.mode not in ("L", "RGB"):
         image = image.convert("RGB")
-    return _write_atomically(path, lambda tmp: image.save(tmp, format=fmt, **params))
+    return atomic_write(path, lambda tmp: image.save(tmp, format=fmt, **params))
 
 
 def _cell_scale(images: torch.Tensor, scale: int | None) -> int:

@@ -15,7 +15,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from noisecraft.errors import NoisecraftError
-from noisecraft.viz.images import _write_atomically
+from noisecraft.io.checkpoint import atomic_write
 
 
 def _numpy(values) -> np.ndarray:
@@ -27,7 +27,7 @@ def _numpy(values) -> np.ndarray:
 
 def _save_figure(fig: Figure, path: str | os.PathLike) -> Path:
     """Write a figure as a PNG, atomically, creating parent directories."""
-    return _write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
 
 
 def plot_schedules(schedules: dict[str, object], path) -> Path:
