@@ -154,8 +154,17 @@ def test_unknown_dataset(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
+def test_missing_mnist_files_with_no_download(tmp_path, capsys):
+    empty = tmp_path / "data"
+    empty.mkdir()
+    line = fails_cleanly(capsys, ["train", "--dataset", "mnist", "--data-dir", empty, "--no-download",
+                                  "--out", tmp_path / "r", "--steps", "1"])
+    assert str(empty / "mnist") in line and "train-images-idx3-ubyte.gz" in line
+    assert not (tmp_path / "r").exists()
+
+
 def test_missing_mnist_files_and_failed_download(tmp_path, capsys, monkeypatch):
-    # The CLI always allows downloading; point it at a closed local port so the attempt fails at once.
+    # Point the download at a closed local port so the attempt fails at once.
     monkeypatch.setenv("NOISECRAFT_MNIST_URL", "http://127.0.0.1:9/")
     for var in ("no_proxy", "NO_PROXY"):
         monkeypatch.setenv(var, "*")

@@ -24,7 +24,8 @@ from .training.config import DEFAULT_MINUTES
 
 def _load_data(args, split="train"):
     from .training.datasets import load_dataset
-    return load_dataset(args.dataset, split=split, data_dir=args.data_dir, image_size=args.image_size)
+    return load_dataset(args.dataset, split=split, data_dir=args.data_dir, image_size=args.image_size,
+                        download=not args.no_download)
 
 
 def _sample_grid_fn(n: int = 16, steps: int = 25):
@@ -124,6 +125,8 @@ def cmd_sample(args) -> int:
         options["eta"] = args.eta
     if args.variance is not None:
         options["variance"] = args.variance
+    if args.karras:
+        options["karras"] = True
     save_every = args.save_every or (max(1, args.steps // 25) if args.gif else 0)
     bars = []
 
@@ -253,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--dataset", default="mnist", help="digits | mnist | fashion-mnist | folder:PATH")
         q.add_argument("--data-dir", default=None, help="where dataset files live (default $NOISECRAFT_DATA or ~/.cache/noisecraft)")
         q.add_argument("--image-size", type=int, default=None, help="resize images to this square size")
+        q.add_argument("--no-download", action="store_true", help="never download; fail if the files are missing")
 
     d = sub.add_parser("demo", help="the whole story on bundled digits in a few CPU minutes (no download)")
     d.add_argument("--out", default="runs/demo")
@@ -291,10 +295,13 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="draw samples from a trained run")
     s.add_argument("run", help="run directory written by noisecraft train")
     s.add_argument("--n", type=int, default=64)
-    s.add_argument("--sampler", default="ddim", help="ddpm | ddim")
+    s.add_argument("--sampler", default="ddim",
+                   help="ddpm | ddim | plms | lms | euler | euler_ancestral | heun | dpmpp_2m | dpmpp_2m_sde, or a "
+                        "known alias: 'Euler a', 'DPM++ 2M', 'DPM++ 2M Karras' (any name + ' Karras')")
     s.add_argument("--steps", type=int, default=50)
     s.add_argument("--spacing", default="leading", help="leading | trailing | linspace")
-    s.add_argument("--eta", type=float, default=None, help="DDIM noise (0 deterministic, 1 like DDPM)")
+    s.add_argument("--karras", action="store_true", help="Karras et al. (EDM) sigma spacing instead of --spacing")
+    s.add_argument("--eta", type=float, default=None, help="noise of ddim, euler_ancestral, dpmpp_2m_sde (0: deterministic)")
     s.add_argument("--variance", default=None, help="DDPM variance: small (posterior) | large (beta)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--label", type=int, default=None, help="class to draw (conditional runs)")

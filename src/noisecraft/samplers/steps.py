@@ -8,6 +8,10 @@ Sample Steps are Flawed", table 2):
     leading   t = 0, r, 2r, ... (r = T // steps)           DDIM paper, diffusers' default
     trailing  t = T-1, T-1-r, ... counting down from T      reaches the noisiest step
     linspace  t = round(linspace(0, T-1, steps))
+
+Or, for any model, the σ spacing of Karras et al. 2022 (EDM, eq. 5), `karras_sigmas`: uniform in σ^(1/ρ),
+which spends more steps at low noise. A discrete-time model then sees fractional timesteps, which the
+Denoiser maps from σ by interpolating log σ (`NoiseSchedule.sigma_to_t`).
 """
 
 from __future__ import annotations
@@ -46,3 +50,19 @@ def sigmas_from_timesteps(schedule: NoiseSchedule, timesteps: torch.Tensor) -> t
 
 def discrete_sigmas(schedule: NoiseSchedule, steps: int, spacing: str = "leading") -> torch.Tensor:
     return sigmas_from_timesteps(schedule, select_timesteps(schedule, steps, spacing))
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> torch.Tensor:
+    """EDM eq. 5: σ_i = (σ_max^(1/ρ) + i/(n-1)·(σ_min^(1/ρ) - σ_max^(1/ρ)))^ρ for i = 0..n-1, then σ_n = 0.
+
+    n noise levels from σ_max down to σ_min (ρ = 7 as in the paper), plus the trailing 0: n sampling steps.
+    """
+    if not isinstance(n, int) or n < 1:
+        raise NoisecraftError(f"the number of sampling steps must be an integer >= 1, got {n!r}.")
+    if not 0 < sigma_min < sigma_max:
+        raise NoisecraftError(f"Karras sigmas need 0 < sigma_min < sigma_max, got {sigma_min} and {sigma_max}.")
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64) if n > 1 else torch.zeros(1, dtype=torch.float64)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    sigmas = (hi + ramp * (lo - hi)) ** rho
+    sigmas[-1], sigmas[0] = sigma_min, sigma_max        # exact ends: x^(1/ρ)^ρ can miss by an ulp
+    return torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])
