@@ -23,6 +23,7 @@ from .ddpm import sample_ddpm
 from .dpmpp import sample_dpmpp_2m, sample_dpmpp_2m_sde
 from .euler import sample_euler, sample_euler_ancestral
 from .heun import sample_heun
+from .langevin import sample_langevin, sample_pc
 from .lms import sample_lms
 from .noise import SeededNoise, randn_like
 from .plms import sample_plms
@@ -38,6 +39,8 @@ SAMPLERS: dict[str, Callable] = {
     "heun": sample_heun,
     "dpmpp_2m": sample_dpmpp_2m,
     "dpmpp_2m_sde": sample_dpmpp_2m_sde,
+    "langevin": sample_langevin,
+    "pc": sample_pc,
 }
 
 # Front-end names (lower case) -> registered name. Each also works with " karras" appended.
@@ -112,4 +115,5 @@ def generate(denoiser, shape: tuple[int, ...], *, sampler: str = "ddim", steps: 
 
 __all__ = ["ALIASES", "SAMPLERS", "SPACINGS", "SeededNoise", "generate", "get_sampler", "karras_sigmas",
            "resolve_sampler", "sample_ddim", "sample_ddpm", "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "sample_euler",
-           "sample_euler_ancestral", "sample_heun", "sample_lms", "sample_plms", "sampler_names"]
+           "sample_euler_ancestral", "sample_heun", "sample_langevin", "sample_lms", "sample_pc", "sample_plms",
+           "sampler_names"]
