@@ -3,7 +3,12 @@
     noisecraft demo                      forward strip, a small model trained on bundled digits, grid + GIF
     noisecraft train --dataset mnist --out runs/mnist [--conditional] [--steps N | --minutes M] [--resume RUN]
     noisecraft sample RUN --n 64 --sampler ddim --steps 50 --seed 0 --out s.npz --grid g.png --gif d.gif
+    noisecraft sample RUN ... --guide noisecraft.guides:brightness --guide-scale 0.05 --guide-every 1
+    noisecraft img2img RUN --input img.png --strength 0.6 --grid out.png
+    noisecraft inpaint RUN --input img.png --mask mask.png --n 8 --grid out.png
+    noisecraft interpolate RUN --seeds 0 1 --n 8 --grid path.png
     noisecraft viz forward|schedules ...
+    noisecraft viz reverse RUN --save-every 5 --out strip.png --gif denoise.gif
 
 Errors a user can cause print one line ("noisecraft: error: ...") and exit with status 2.
 """
@@ -63,6 +68,115 @@ def _build_config(args, dataset):
     return config
 
 
+def import_callable(spec: str, what: str = "--guide"):
+    """The function named by "module:function" or "path/to/file.py:function"."""
+    import importlib
+    import importlib.util
+    import os
+
+    source, sep, name = str(spec).rpartition(":")
+    if not sep or not source or not name.isidentifier():
+        raise NoisecraftError(f"{what} must look like module:function or path/to/file.py:function, got {spec!r}.")
+    try:
+        if source.endswith(".py") or "/" in source or os.sep in source:
+            path = Path(source)
+            if not path.is_file():
+                raise NoisecraftError(f"{what} names the file {path}, which does not exist.")
+            module_spec = importlib.util.spec_from_file_location(f"noisecraft_user_{path.stem}", path)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            added = os.getcwd() not in sys.path
+            if added:                      # a module in the current folder, as `python -m` would find it
+                sys.path.append(os.getcwd())
+            try:
+                module = importlib.import_module(source)
+            finally:
+                if added:
+                    sys.path.remove(os.getcwd())
+    except NoisecraftError:
+        raise
+    except ModuleNotFoundError as e:
+        raise NoisecraftError(f"{what} {spec!r}: no module named {e.name!r}; give an importable module or a "
+                              "path to a .py file.") from None
+    except Exception as e:  # noqa: BLE001 - the user's code: report it in one line
+        raise NoisecraftError(f"{what} {spec!r}: importing {source} failed ({type(e).__name__}: {e}).") from None
+    fn = getattr(module, name, None)
+    if fn is None:
+        raise NoisecraftError(f"{what} {spec!r}: {source} has no attribute {name!r}.")
+    if not callable(fn):
+        raise NoisecraftError(f"{what} {spec!r}: {name} is not a function.")
+    return fn
+
+
+def _sampler_options(args) -> dict:
+    options = {}
+    if getattr(args, "eta", None) is not None:
+        options["eta"] = args.eta
+    if getattr(args, "variance", None) is not None:
+        options["variance"] = args.variance
+    if getattr(args, "karras", False):
+        options["karras"] = True
+    return options
+
+
+def _control_options(args) -> dict:
+    """Labels, classifier-free guidance (with a negative label) and loss guidance from the flags."""
+    options = dict(label=args.label, guidance=args.guidance, negative_label=args.negative_label)
+    if args.guide:
+        options.update(guide=import_callable(args.guide), guide_scale=args.guide_scale, guide_every=args.guide_every,
+                       guide_mode=args.guide_mode)
+        if args.guide_max_sigma is not None:
+            options["guide_max_sigma"] = args.guide_max_sigma
+    return options
+
+
+def _progress(total: int, desc: str):
+    """(progress(k), close()): a bar that opens at the first sampler step, after every argument has been
+    checked, so a bad --sampler or --label prints only the error line."""
+    from tqdm.auto import tqdm
+    bars = []
+
+    def progress(k):
+        if not bars:
+            bars.append(tqdm(total=total, unit="img", desc=desc))
+        bars[0].update(k)
+
+    def close():
+        for bar in bars:
+            bar.close()
+    return progress, close
+
+
+def _write_results(result, args) -> list:
+    """Write the --out .npz, --grid PNG and --gif of a SampleResult; return the paths written."""
+    import io
+
+    import numpy as np
+
+    from .io.checkpoint import atomic_write_bytes
+    from .viz.images import save_gif, save_grid, to_uint8
+    written = []
+    if args.out:
+        buf = io.BytesIO()
+        arrays = {"images": to_uint8(result.images)}
+        if result.labels is not None:
+            arrays["labels"] = result.labels.numpy().astype(np.int64)
+        np.savez_compressed(buf, **arrays)
+        written.append(atomic_write_bytes(args.out, buf.getvalue()))
+    if args.grid:
+        written.append(save_grid(result.images[:args.grid_n], args.grid, nrow=getattr(args, "nrow", None)))
+    if args.gif:
+        frames, _, captions = _trajectory_frames(result.trajectory)
+        written.append(save_gif(frames, args.gif, captions=captions))
+    return written
+
+
+def _need_output(args) -> None:
+    if not (args.out or args.grid or args.gif):
+        raise NoisecraftError("say what to write: --out samples.npz, --grid grid.png and/or --gif denoise.gif.")
+
+
 # --- commands ---------------------------------------------------------------------------------
 
 def cmd_train(args) -> int:
@@ -110,65 +224,106 @@ def _trajectory_frames(trajectory, limit=16):
 
 
 def cmd_sample(args) -> int:
-    import numpy as np
-    from tqdm.auto import tqdm
-
-    from .io.checkpoint import atomic_write_bytes
     from .pipelines.pixel import DiffusionPipeline
-    from .viz.images import save_gif, save_grid, to_uint8
 
-    if not (args.out or args.grid or args.gif):
-        raise NoisecraftError("say what to write: --out samples.npz, --grid grid.png and/or --gif denoise.gif.")
+    _need_output(args)
     pipe = DiffusionPipeline.from_run(args.run, device=args.device)
-    options = {}
-    if args.eta is not None:
-        options["eta"] = args.eta
-    if args.variance is not None:
-        options["variance"] = args.variance
-    if args.karras:
-        options["karras"] = True
+    options = {**_sampler_options(args), **_control_options(args)}
     save_every = args.save_every or (max(1, args.steps // 25) if args.gif else 0)
-    bars = []
-
-    def progress(k):
-        # The bar opens at the first sampler step, after every argument has been checked, so a bad
-        # --sampler or --label prints only the error line.
-        if not bars:
-            bars.append(tqdm(total=args.n, unit="img", desc=f"{args.sampler}-{args.steps}"))
-        bars[0].update(k)
-
+    progress, close = _progress(args.n, f"{args.sampler}-{args.steps}")
     t0 = time.perf_counter()
     try:
-        result = pipe.sample(args.n, sampler=args.sampler, steps=args.steps, seed=args.seed, label=args.label,
-                             guidance=args.guidance, save_every=save_every, batch_size=args.batch_size,
-                             spacing=args.spacing, progress=progress, **options)
+        result = pipe.sample(args.n, sampler=args.sampler, steps=args.steps, seed=args.seed, save_every=save_every,
+                             batch_size=args.batch_size, spacing=args.spacing, progress=progress, **options)
     finally:
-        for bar in bars:
-            bar.close()
+        close()
     seconds = time.perf_counter() - t0
-    written = []
-    if args.out:
-        import io
-        buf = io.BytesIO()
-        arrays = {"images": to_uint8(result.images)}
-        if result.labels is not None:
-            arrays["labels"] = result.labels.numpy().astype(np.int64)
-        np.savez_compressed(buf, **arrays)
-        written.append(atomic_write_bytes(args.out, buf.getvalue()))
-    if args.grid:
-        written.append(save_grid(result.images[:args.grid_n], args.grid))
-    if args.gif:
-        frames, _, captions = _trajectory_frames(result.trajectory)
-        written.append(save_gif(frames, args.gif, captions=captions))
+    written = _write_results(result, args)
     print(f"{args.n} samples in {seconds:.1f} s ({seconds / args.n * 1000:.1f} ms/image); wrote "
           + ", ".join(str(p) for p in written))
     return 0
+
+
+def _edit(args, job: str) -> int:
+    """img2img and inpaint: read --input (and --mask), edit, write."""
+    from .io.images import load_images, load_mask
+    from .pipelines.pixel import DiffusionPipeline
+
+    _need_output(args)
+    pipe = DiffusionPipeline.from_run(args.run, device=args.device)
+    channels, height, width = pipe.config.data.image_shape
+    images = load_images(args.input, channels, (height, width))
+    options = {**_sampler_options(args), **_control_options(args)}
+    n = args.n if args.n is not None else images.shape[0]
+    save_every = args.save_every or (max(1, args.steps // 25) if args.gif else 0)
+    progress, close = _progress(n, f"{job} {args.sampler}-{args.steps}")
+    common = dict(n=n, sampler=args.sampler, steps=args.steps, seed=args.seed, save_every=save_every,
+                  batch_size=args.batch_size, spacing=args.spacing, progress=progress, **options)
+    t0 = time.perf_counter()
+    try:
+        if job == "img2img":
+            result = pipe.img2img(images, args.strength, **common)
+        else:
+            result = pipe.inpaint(images, load_mask(args.mask, (height, width)), **common)
+    finally:
+        close()
+    seconds = time.perf_counter() - t0
+    written = _write_results(result, args)
+    print(f"{job}: {len(result.images)} images in {seconds:.1f} s; wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def cmd_img2img(args) -> int:
+    return _edit(args, "img2img")
+
+
+def cmd_inpaint(args) -> int:
+    return _edit(args, "inpaint")
+
+
+def cmd_interpolate(args) -> int:
+    from .pipelines.pixel import DiffusionPipeline
+
+    _need_output(args)
+    pipe = DiffusionPipeline.from_run(args.run, device=args.device)
+    if args.labels and len(args.labels) > 2:
+        raise NoisecraftError(f"--labels takes one class or two (start and end), got {len(args.labels)}.")
+    label, label_b = (args.labels + [None])[:2] if args.labels else (None, None)
+    result = pipe.interpolate_seeds(args.seeds[0], args.seeds[1], args.n, label=label, label_b=label_b,
+                                    sampler=args.sampler, steps=args.steps, spacing=args.spacing,
+                                    guidance=args.guidance, negative_label=args.negative_label,
+                                    save_every=args.save_every or (max(1, args.steps // 25) if args.gif else 0),
+                                    **_sampler_options(args))
+    args.nrow = args.n                    # one row: the path from left to right
+    written = _write_results(result, args)
+    print(f"{args.n} images from seed {args.seeds[0]} to seed {args.seeds[1]}; wrote "
+          + ", ".join(str(p) for p in written))
+    return 0
+
+
+def reverse_pictures(trajectory, strip_path=None, gif_path=None, index: int = 0) -> list:
+    """The reverse process of one sample as a two-row strip (x_t above x̂0, one column per saved step)
+    and of the first samples as a GIF."""
+    import torch
+
+    from .viz.images import save_gif, save_strip
+    frames, denoised, captions = _trajectory_frames(trajectory)
+    written = []
+    if strip_path:
+        rows = torch.stack([torch.stack([f[index] for f in frames]), torch.stack([d[index] for d in denoised])])
+        columns = [c.split()[1] for c in captions]
+        written.append(save_strip(rows, strip_path, rows=["x_t", "x0_hat"], captions=columns))
+    if gif_path:
+        written.append(save_gif(frames, gif_path, captions=captions))
+    return written
 
 
 def cmd_viz(args) -> int:
     from .schedule import NoiseSchedule
     from .viz.plots import plot_schedules
 
+    if args.what == "reverse":
+        return _viz_reverse(args)
     if args.what == "schedules":
         schedules = {k: NoiseSchedule.create(k, args.T) for k in ("linear", "scaled_linear", "cosine")}
         print(f"wrote {plot_schedules(schedules, args.out or 'schedules.png')}")
@@ -180,6 +335,22 @@ def cmd_viz(args) -> int:
     path = forward_strip(dataset, args.index, NoiseSchedule.create(args.schedule, args.T), args.out or "forward.png",
                          seed=args.seed)
     print(f"wrote {path}")
+    return 0
+
+
+def _viz_reverse(args) -> int:
+    from .pipelines.pixel import DiffusionPipeline
+
+    if not args.run:
+        raise NoisecraftError("viz reverse needs a run directory: noisecraft viz reverse RUN --out strip.png.")
+    if args.save_every is not None and args.save_every < 1:
+        raise NoisecraftError(f"--save-every must be at least 1, got {args.save_every}.")
+    pipe = DiffusionPipeline.from_run(args.run, device=args.device)
+    save_every = args.save_every or max(1, args.steps // 10)
+    result = pipe.sample(args.n, sampler=args.sampler, steps=args.steps, seed=args.seed, label=args.label,
+                         save_every=save_every)
+    written = reverse_pictures(result.trajectory, args.out or "reverse.png", args.gif)
+    print("wrote " + ", ".join(str(p) for p in written))
     return 0
 
 
@@ -292,32 +463,82 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="cpu")
     t.set_defaults(func=cmd_train)
 
-    s = sub.add_parser("sample", help="draw samples from a trained run")
-    s.add_argument("run", help="run directory written by noisecraft train")
+    def sampling_args(q, outputs=True):
+        q.add_argument("run", help="run directory written by noisecraft train")
+        q.add_argument("--sampler", default="ddim",
+                       help="ddpm | ddim | plms | lms | euler | euler_ancestral | heun | dpmpp_2m | dpmpp_2m_sde | "
+                            "langevin | pc, or a known alias: 'Euler a', 'DPM++ 2M', 'DPM++ 2M Karras' (any name + "
+                            "' Karras')")
+        q.add_argument("--steps", type=int, default=50)
+        q.add_argument("--spacing", default="leading", help="leading | trailing | linspace")
+        q.add_argument("--karras", action="store_true", help="Karras et al. (EDM) sigma spacing instead of --spacing")
+        q.add_argument("--eta", type=float, default=None,
+                       help="noise of ddim, euler_ancestral, dpmpp_2m_sde (0: deterministic)")
+        q.add_argument("--variance", default=None, help="DDPM variance: small (posterior) | large (beta)")
+        q.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale w (1 = none)")
+        q.add_argument("--negative-label", type=int, default=None,
+                       help="with --guidance w > 1: steer away from this class (it replaces the null label)")
+        q.add_argument("--out", default=None, help=".npz with uint8 images N×H×W×C (and labels)")
+        q.add_argument("--grid", default=None, help="PNG grid of the first --grid-n images")
+        q.add_argument("--grid-n", type=int, default=64)
+        q.add_argument("--gif", default=None, help="GIF of the denoising process (first 16 images)")
+        q.add_argument("--save-every", type=int, default=0, help="keep x_t and x0_hat every k steps")
+        q.add_argument("--device", default="cpu")
+        if outputs:
+            q.add_argument("--seed", type=int, default=0)
+            q.add_argument("--label", type=int, default=None, help="class to draw (conditional runs)")
+            q.add_argument("--batch-size", type=int, default=250)
+            q.add_argument("--guide", default=None,
+                           help="loss guidance: module:function or path/to/file.py:function, a loss(x0) -> one value "
+                                "per sample to push down, e.g. noisecraft.guides:brightness")
+            q.add_argument("--guide-scale", type=float, default=0.05, help="loss guidance step size (pixel units)")
+            q.add_argument("--guide-every", type=int, default=1, help="apply loss guidance every k denoiser calls")
+            q.add_argument("--guide-mode", default="x0", choices=["x0", "score"],
+                           help="x0: shift x0_hat by the loss gradient (cheap, robust); score: gradient through the "
+                                "network (Universal Guidance, Bansal et al. 2023)")
+            q.add_argument("--guide-max-sigma", type=float, default=None,
+                           help="apply loss guidance only at noise levels sigma <= this "
+                                "(useful with --guide-mode score)")
+
+    s = sub.add_parser("sample", help="draw samples from a trained run (with optional guidance)")
+    sampling_args(s)
     s.add_argument("--n", type=int, default=64)
-    s.add_argument("--sampler", default="ddim",
-                   help="ddpm | ddim | plms | lms | euler | euler_ancestral | heun | dpmpp_2m | dpmpp_2m_sde, or a "
-                        "known alias: 'Euler a', 'DPM++ 2M', 'DPM++ 2M Karras' (any name + ' Karras')")
-    s.add_argument("--steps", type=int, default=50)
-    s.add_argument("--spacing", default="leading", help="leading | trailing | linspace")
-    s.add_argument("--karras", action="store_true", help="Karras et al. (EDM) sigma spacing instead of --spacing")
-    s.add_argument("--eta", type=float, default=None, help="noise of ddim, euler_ancestral, dpmpp_2m_sde (0: deterministic)")
-    s.add_argument("--variance", default=None, help="DDPM variance: small (posterior) | large (beta)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--label", type=int, default=None, help="class to draw (conditional runs)")
-    s.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale w (1 = none)")
-    s.add_argument("--batch-size", type=int, default=250)
-    s.add_argument("--out", default=None, help=".npz with uint8 images N×H×W×C (and labels)")
-    s.add_argument("--grid", default=None, help="PNG grid of the first --grid-n samples")
-    s.add_argument("--grid-n", type=int, default=64)
-    s.add_argument("--gif", default=None, help="GIF of the denoising process (first 16 samples)")
-    s.add_argument("--save-every", type=int, default=0, help="keep x_t and x0_hat every k steps")
-    s.add_argument("--device", default="cpu")
     s.set_defaults(func=cmd_sample)
 
-    v = sub.add_parser("viz", help="pictures: the forward process, the schedules")
-    v.add_argument("what", choices=["forward", "schedules"])
+    e = sub.add_parser("img2img", help="edit images (SDEdit): noise them to --strength and denoise")
+    sampling_args(e)
+    e.add_argument("--input", required=True, help="an image file, or an .npz with 'images' N×H×W×C uint8")
+    e.add_argument("--strength", type=float, default=0.6, help="in (0, 1]: how much noise, hence how much change")
+    e.add_argument("--n", type=int, default=None, help="outputs (default: one per input image)")
+    e.set_defaults(func=cmd_img2img)
+
+    i = sub.add_parser("inpaint", help="fill the white part of --mask, keep the rest of --input")
+    sampling_args(i)
+    i.add_argument("--input", required=True, help="an image file, or an .npz with 'images' N×H×W×C uint8")
+    i.add_argument("--mask", required=True, help="black-and-white image: white = generate, black = keep")
+    i.add_argument("--n", type=int, default=None, help="outputs (default: one per input image)")
+    i.set_defaults(func=cmd_inpaint)
+
+    n = sub.add_parser("interpolate", help="a path between two seeds (slerp of the starting noise)")
+    sampling_args(n, outputs=False)
+    n.add_argument("--seeds", type=int, nargs=2, default=[0, 1], metavar=("A", "B"))
+    n.add_argument("--n", type=int, default=8, help="images on the path, ends included")
+    n.add_argument("--labels", type=int, nargs="+", default=None, metavar="LABEL",
+                   help="a class for the whole path, or two: the class moves from the first to the second")
+    n.set_defaults(func=cmd_interpolate)
+
+    v = sub.add_parser("viz", help="pictures: the forward process, the schedules, the reverse process of a run")
+    v.add_argument("what", choices=["forward", "schedules", "reverse"])
+    v.add_argument("run", nargs="?", default=None, help="run directory (viz reverse)")
     data_args(v)
+    v.add_argument("--sampler", default="ddim", help="viz reverse: the sampler")
+    v.add_argument("--steps", type=int, default=50, help="viz reverse: sampling steps")
+    v.add_argument("--save-every", type=int, default=None,
+                   help="viz reverse: a column every k steps (default steps/10)")
+    v.add_argument("--gif", default=None, help="viz reverse: also a GIF of x_t")
+    v.add_argument("--n", type=int, default=16, help="viz reverse: samples in the GIF (the strip shows the first)")
+    v.add_argument("--label", type=int, default=None, help="viz reverse: class (conditional runs)")
+    v.add_argument("--device", default="cpu")
     v.add_argument("--index", type=int, default=0)
     v.add_argument("--schedule", default="cosine")
     v.add_argument("--T", type=int, default=1000)

@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from ..errors import NoisecraftError
+
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding of (possibly fractional) timesteps, as in the Transformer's positional encoding.
@@ -53,4 +55,11 @@ class LabelEmbedding(nn.Module):
         return self.num_classes
 
     def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        """Integer labels (shape N), or mixing weights over the num_classes + 1 rows (shape N×(num_classes+1),
+        float): the weighted sum of their embeddings, for interpolating between classes."""
+        if labels.is_floating_point():
+            if labels.ndim != 2 or labels.shape[1] != self.num_classes + 1:
+                raise NoisecraftError(f"soft labels must have shape N×{self.num_classes + 1} (one weight per class "
+                                      f"and the null class), got {tuple(labels.shape)}.")
+            return labels.to(self.table.weight.dtype) @ self.table.weight
         return self.table(labels.long())

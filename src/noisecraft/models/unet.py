@@ -139,7 +139,8 @@ class UNet(nn.Module):
     """ε/x0/v-prediction network f(x_t, t, labels) with the shape of its input.
 
     `t` is a float tensor of timesteps (shape N, fractional values allowed); `labels` an int tensor
-    (shape N) for class-conditional models, where `num_classes` is the null label, or None.
+    (shape N) for class-conditional models, where `num_classes` is the null label, or None; float mixing
+    weights of shape N×(num_classes + 1) blend class embeddings (label interpolation).
     """
 
     def __init__(self, config: UNetConfig):

@@ -8,10 +8,11 @@ from pathlib import Path
 import torch
 
 from ..denoiser import ClassifierFreeGuidance, Denoiser
+from ..guidance import LossGuidance, lerp
 from ..errors import NoisecraftError
 from ..io.checkpoint import load_weights
 from ..models.unet import UNet
-from ..samplers import generate
+from ..samplers import control, generate
 from ..schedule import NoiseSchedule
 from ..training.config import RunConfig
 from ..training.trainer import load_run_config
@@ -69,32 +70,181 @@ class DiffusionPipeline:
             raise NoisecraftError(f"labels must be {n} integers in 0..{self.num_classes - 1}, got {label!r}.")
         return labels.to(self.device)
 
-    @torch.no_grad()
-    def sample(self, n: int, *, sampler: str = "ddim", steps: int = 50, seed: int = 0, label=None,
-               guidance: float = 1.0, save_every: int = 0, batch_size: int = 250, spacing: str = "leading",
-               progress=None, **options) -> SampleResult:
-        """Draw n images. label: None (unconditional), one class index, or one per image; guidance w > 1
-        uses classifier-free guidance. save_every k > 0 keeps x_t and x̂0 every k steps (first batch only)."""
+    def _check_label(self, label: int, what: str) -> int:
+        if not self.num_classes:
+            raise NoisecraftError(f"this model is unconditional, so it takes no {what}; train with --conditional.")
+        if not isinstance(label, int) or not 0 <= label < self.num_classes:
+            raise NoisecraftError(f"{what} must be an integer in 0..{self.num_classes - 1}, got {label!r}.")
+        return label
+
+    def _conditioning(self, n: int, label, negative_label) -> torch.Tensor | None:
+        """Labels for n images. A negative label with no label steers away from it: the condition is
+        then the null label, and the negative one takes the unconditional side of guidance."""
+        if negative_label is not None:
+            self._check_label(negative_label, "negative label")
+            if label is None:
+                return torch.full((n,), self.num_classes, device=self.device)
+        return self._labels(n, label)
+
+    def _one_hot(self, label: int) -> torch.Tensor:
+        return torch.nn.functional.one_hot(torch.tensor(label), self.num_classes + 1).float().to(self.device)
+
+    def _make_denoiser(self, soft: bool = False, guidance: float = 1.0, negative_label: int | None = None,
+                       guide=None, guide_scale: float = 1.0, guide_every: int = 1, guide_mode: str = "x0",
+                       guide_max_sigma: float = float("inf")):
+        """The base denoiser with classifier-free guidance (the negative label, if any, in place of the null
+        label) and loss guidance stacked on. A new one for each batch, so guide_every counts from its start."""
+        denoiser = self.denoiser
+        if self.num_classes and (guidance != 1.0 or negative_label is not None):
+            other = self.num_classes if negative_label is None else negative_label
+            uncond = self._one_hot(other) if soft else torch.tensor(other, device=self.device)
+            denoiser = ClassifierFreeGuidance(denoiser, guidance, uncond)
+        if guide is not None:
+            denoiser = LossGuidance(denoiser, guide, guide_scale, guide_every, guide_mode, guide_max_sigma)
+        return denoiser
+
+    def _run(self, n: int, draw, *, label=None, negative_label=None, save_every: int = 0, batch_size: int = 250,
+             progress=None, **guides) -> SampleResult:
+        """Draw n images in batches: draw(denoiser, start, count, cond, callback) -> images of one batch.
+        Keeps x_t and x̂0 every save_every steps of the first batch; progress(k) counts finished images."""
         if n < 1:
             raise NoisecraftError(f"the number of samples must be at least 1, got {n}.")
-        labels = self._labels(n, label)
-        denoiser = self.denoiser
-        if labels is not None and guidance != 1.0:
-            denoiser = ClassifierFreeGuidance(denoiser, guidance, torch.tensor(self.num_classes, device=self.device))
-        shape = tuple(self.config.data.image_shape)
+        if batch_size < 1:
+            raise NoisecraftError(f"the batch size must be at least 1, got {batch_size}.")
+        labels = self._conditioning(n, label, negative_label)
         images, trajectory = [], []
         for start in range(0, n, batch_size):
             count = min(batch_size, n - start)
-            cond = None if labels is None else labels[start:start + count]
 
-            def keep(info, first=start == 0):
+            def keep(info, first=start == 0, count=count):
                 last = info["sigma_next"] == 0
                 if first and save_every and (info["i"] % save_every == 0 or last):
                     trajectory.append({k: (v.cpu() if torch.is_tensor(v) else v) for k, v in info.items()})
                 if progress is not None:
                     progress(count if last else 0)
 
-            x = generate(denoiser, (count, *shape), sampler=sampler, steps=steps, spacing=spacing, cond=cond,
-                         seed=seed + start, callback=keep, device=self.device, **options)
-            images.append(x.clamp(-1, 1).cpu())
-        return SampleResult(torch.cat(images), None if labels is None else labels.cpu(), trajectory)
+            denoiser = self._make_denoiser(False, negative_label=negative_label, **guides)
+            cond = None if labels is None else labels[start:start + count]
+            images.append(draw(denoiser, start, count, cond, keep).clamp(-1, 1).cpu())
+        shown = None if labels is None or label is None else labels.cpu()
+        return SampleResult(torch.cat(images), shown, trajectory)
+
+    def _input_images(self, images, n: int | None, what: str = "input images") -> torch.Tensor:
+        """Images in [-1, 1] as N×C×H×W on the device, checked against the model; one image repeats n times."""
+        images = torch.as_tensor(images, dtype=torch.float32)
+        if images.ndim == 3:
+            images = images.unsqueeze(0)
+        shape = tuple(self.config.data.image_shape)
+        if images.ndim != 4 or tuple(images.shape[1:]) != shape:
+            raise NoisecraftError(f"{what} must have shape N×{'×'.join(map(str, shape))} for this model, got "
+                                  f"{tuple(images.shape)}; convert or resize them first.")
+        if n is not None:
+            if images.shape[0] == 1:
+                images = images.expand(n, *shape)
+            elif images.shape[0] != n:
+                raise NoisecraftError(f"got {images.shape[0]} {what} for n={n}; give one image or n of them.")
+        return images.to(self.device)
+
+    @torch.no_grad()
+    def sample(self, n: int, *, sampler: str = "ddim", steps: int = 50, seed: int = 0, label=None,
+               guidance: float = 1.0, negative_label: int | None = None, guide=None, guide_scale: float = 1.0,
+               guide_every: int = 1, guide_mode: str = "x0", guide_max_sigma: float = float("inf"),
+               save_every: int = 0, batch_size: int = 250, spacing: str = "leading", progress=None,
+               **options) -> SampleResult:
+        """Draw n images.
+
+        label: None (unconditional), one class index, or one per image. guidance w > 1: classifier-free
+        guidance, with `negative_label` (if given) in place of the null label, so samples move away from
+        that class (with no label: "anything but this class"). guide: loss guidance with a callable
+        loss(x0) -> one loss per sample to push down, by guide_scale, on every guide_every-th denoiser
+        call, guide_mode "x0" (shift x̂0 by the gradient) or "score" (gradient through the network), only
+        at σ <= guide_max_sigma (see noisecraft.guidance.LossGuidance). save_every k > 0 keeps x_t and x̂0
+        every k steps (first batch only). Sample i uses seed + i, whatever batch_size."""
+        shape = tuple(self.config.data.image_shape)
+
+        def draw(denoiser, start, count, cond, keep):
+            return generate(denoiser, (count, *shape), sampler=sampler, steps=steps, spacing=spacing, cond=cond,
+                            seed=seed + start, callback=keep, device=self.device, **options)
+
+        return self._run(n, draw, label=label, negative_label=negative_label, save_every=save_every,
+                         batch_size=batch_size, progress=progress, guidance=guidance, guide=guide,
+                         guide_scale=guide_scale, guide_every=guide_every, guide_mode=guide_mode,
+                         guide_max_sigma=guide_max_sigma)
+
+    @torch.no_grad()
+    def img2img(self, images, strength: float = 0.6, *, n: int | None = None, sampler: str = "ddim",
+                steps: int = 50, seed: int = 0, spacing: str = "leading", **kwargs) -> SampleResult:
+        """SDEdit: noise `images` (N×C×H×W or C×H×W in [-1, 1]) to strength s ∈ (0, 1] and denoise them
+        with the last round(s·steps) steps of the sampler (see noisecraft.samplers.control.img2img).
+        With one input image and n given, it is edited n times (seeds seed, seed + 1, ...). Labels,
+        guidance, loss guidance, save_every, batch_size, progress and sampler options as in `sample`."""
+        images = self._input_images(images, n)
+        control.strength_sigmas(torch.zeros(2), strength)                  # a bad strength fails before any work
+        run_kw, options = self._split(kwargs)
+
+        def draw(denoiser, start, count, cond, keep):
+            return control.img2img(denoiser, images[start:start + count], strength, sampler=sampler, steps=steps,
+                                   spacing=spacing, cond=cond, seed=seed + start, callback=keep, **options)
+
+        return self._run(images.shape[0], draw, **run_kw)
+
+    @torch.no_grad()
+    def inpaint(self, images, mask, *, n: int | None = None, sampler: str = "ddim", steps: int = 50, seed: int = 0,
+                spacing: str = "leading", **kwargs) -> SampleResult:
+        """Generate the region where `mask` is 1 (white) and keep `images` where it is 0 (see
+        noisecraft.guidance.InpaintingDenoiser). mask: H×W, 1×H×W, N×1×H×W or N×C×H×W in [0, 1]. Other
+        arguments as in `img2img`."""
+        images = self._input_images(images, n)
+        mask = torch.as_tensor(mask, dtype=torch.float32, device=self.device)
+        while mask.ndim < 4:
+            mask = mask.unsqueeze(0)
+        try:
+            mask = mask.expand_as(images)
+        except RuntimeError:
+            raise NoisecraftError(f"the mask of shape {tuple(mask.shape)[-2:]} does not fit images of shape "
+                                  f"{tuple(images.shape)}; give an H×W mask of the model's image size.") from None
+        run_kw, options = self._split(kwargs)
+
+        def draw(denoiser, start, count, cond, keep):
+            part = slice(start, start + count)
+            return control.inpaint(denoiser, images[part], mask[part], sampler=sampler, steps=steps, spacing=spacing,
+                                   cond=cond, seed=seed + start, callback=keep, **options)
+
+        return self._run(images.shape[0], draw, **run_kw)
+
+    _RUN_KEYS = ("label", "negative_label", "save_every", "batch_size", "progress", "guidance", "guide",
+                 "guide_scale", "guide_every", "guide_mode", "guide_max_sigma")
+
+    def _split(self, kwargs: dict) -> tuple[dict, dict]:
+        """(arguments for _run, sampler options) out of the keyword arguments of img2img / inpaint."""
+        return ({k: v for k, v in kwargs.items() if k in self._RUN_KEYS},
+                {k: v for k, v in kwargs.items() if k not in self._RUN_KEYS})
+
+    @torch.no_grad()
+    def interpolate_seeds(self, seed_a: int, seed_b: int, n: int = 8, *, label: int | None = None,
+                          label_b: int | None = None, sampler: str = "ddim", steps: int = 50, guidance: float = 1.0,
+                          negative_label: int | None = None, save_every: int = 0, spacing: str = "leading",
+                          **options) -> SampleResult:
+        """n images on the path from seed_a's picture to seed_b's: slerp of the starting noise (the ends are
+        exactly `sample(1, seed=seed_a)` and `seed_b`'s for deterministic samplers). With label and label_b
+        the class moves too: the label embeddings are mixed linearly (soft labels), e.g. from a 3 to an 8."""
+        shape = tuple(self.config.data.image_shape)
+        if label_b is None:
+            cond = self._conditioning(n, label, negative_label)
+            denoiser = self._make_denoiser(False, guidance, negative_label)
+        else:
+            if label is None:
+                raise NoisecraftError("label_b is the end of a path between two classes; give its start with label.")
+            a = self._one_hot(self._check_label(label, "label"))
+            b = self._one_hot(self._check_label(label_b, "label_b"))
+            cond = lerp(a, b, torch.linspace(0, 1, n, device=self.device))
+            denoiser = self._make_denoiser(True, guidance, negative_label)
+        trajectory = []
+
+        def keep(info):
+            if save_every and (info["i"] % save_every == 0 or info["sigma_next"] == 0):
+                trajectory.append({k: (v.cpu() if torch.is_tensor(v) else v) for k, v in info.items()})
+
+        x = control.interpolate(denoiser, shape, seed_a, seed_b, n, sampler=sampler, steps=steps, spacing=spacing,
+                                cond=cond, callback=keep, device=self.device, **options)
+        return SampleResult(x.clamp(-1, 1).cpu(), None, trajectory)

@@ -1,0 +1,219 @@
+"""Steering a denoiser: loss guidance, inpainting masks, and interpolation of the starting noise.
+
+Each wrapper here takes a denoiser D(x, σ, cond) -> x̂0 and returns another one, so it works with every
+sampler (they only ever call D) and with any model behind D, pixel or latent. Wrappers stack:
+
+    D = ClassifierFreeGuidance(base, 3.0, null)          # denoiser.py
+    D = LossGuidance(D, brightness, scale=0.1)            # push towards low loss
+    D = InpaintingDenoiser(D, known, mask)                # outermost, so the known region stays exact
+
+On the σ scale (x = x0 + σ·ε) the score and the denoiser are tied by Tweedie's formula,
+∇_x log p_σ(x) = (D(x, σ) - x) / σ², so a change of the score by Δ is a change of x̂0 by σ²·Δ.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .denoiser import _as_batch
+from .errors import NoisecraftError
+
+
+def _per_sample(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
+    """σ as an N×1×…×1 tensor of x's dtype, to scale a batch sample by sample."""
+    return _as_batch(sigma, x).to(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
+
+
+class DenoiserWrapper(nn.Module):
+    """A denoiser built on another: passes on the schedule and σ range samplers ask for."""
+
+    def __init__(self, denoiser: nn.Module):
+        super().__init__()
+        self.inner = denoiser
+
+    @property
+    def schedule(self):
+        return self.inner.schedule
+
+    @property
+    def sigma_min(self):
+        return self.inner.sigma_min
+
+    @property
+    def sigma_max(self):
+        return self.inner.sigma_max
+
+    def eps(self, x, sigma, cond=None):
+        """ε̂ = (x - D(x, σ)) / σ of the wrapped (guided) denoiser."""
+        return (x - self(x, sigma, cond)) / _per_sample(sigma, x)
+
+    def score(self, x, sigma, cond=None):
+        """(D(x, σ) - x) / σ² of the wrapped (guided) denoiser."""
+        return (self(x, sigma, cond) - x) / _per_sample(sigma, x) ** 2
+
+
+# --------------------------------------------------------------------------------------------------
+# loss guidance
+
+GUIDANCE_MODES = ("score", "x0")
+
+
+class LossGuidance(DenoiserWrapper):
+    """Steer sampling towards low values of any differentiable loss ℓ(x̂0) of the predicted clean image.
+
+    Both modes shift the denoiser's answer, so every sampler follows the guided x̂0:
+
+    mode="score": the forward guidance of Bansal et al. 2023, "Universal Guidance for Diffusion Models"
+    (eq. 6, ε̂' = ε̂ + s·sqrt(1 - ᾱ_t)·∇_{x_t} ℓ(x̂0(x_t))), which on the σ scale reads
+
+        D'(x, σ) = D(x, σ) - s·σ²·∇_x ℓ(D(x, σ)),   i.e.   ∇_x log p'_σ = ∇_x log p_σ - s·∇_x ℓ(x̂0(x)):
+
+    the score of p(x)·exp(-s·ℓ(x̂0(x))), the same form as classifier guidance (Dhariwal & Nichol 2021)
+    with -ℓ in place of log p(y | x). The gradient flows back through the network (a backward pass per
+    guided call). By Tweedie's second-order formula σ²·∂D/∂x = Cov[x0 | x], so the shift is Cov[x0|x]·∇ℓ:
+    it moves x̂0 along directions the data actually varies in, but at very high σ it is the difference
+    of two numbers near σ² and the network's small Jacobian errors get multiplied by σ² (cosine schedule:
+    σ_max ≈ 2·10⁴). `max_sigma` turns guidance off above a noise level; a few units works well.
+
+    mode="x0" (default): the same with Cov[x0 | x] replaced by the identity,
+
+        D'(x, σ) = D(x, σ) - s·∇_{x̂0} ℓ(x̂0),   x̂0 = D(x, σ),
+
+    no backward pass through the network, bounded at every σ, and `scale` is a plain step size on x̂0
+    (in pixel units for a loss summed over pixels, whatever the image size). Robust and cheap, so it
+    is the default; the network still reacts to the shifted x at the next step.
+
+    loss_fn(x̂0) returns one loss per sample (shape N) or a scalar; losses are summed, so the gradient
+    of sample i depends on sample i only when loss_fn is per sample (same seed, same picture, whatever the
+    batch size). Guidance applies on every `every`-th call of the denoiser (1: all; a second-order
+    sampler calls it twice per step), counted from the first call or the last `reset()`. The gradient is
+    taken under `torch.enable_grad()`, so it works inside the samplers' `torch.no_grad()`, and
+    `torch.autograd.grad` leaves the model's .grad untouched; the result is detached.
+    """
+
+    def __init__(self, denoiser: nn.Module, loss_fn: Callable[[torch.Tensor], torch.Tensor], scale: float,
+                 every: int = 1, mode: str = "x0", max_sigma: float = float("inf")):
+        super().__init__(denoiser)
+        if not callable(loss_fn):
+            raise NoisecraftError(f"loss guidance needs a callable loss_fn(x0) -> loss, got {loss_fn!r}.")
+        if not isinstance(every, int) or every < 1:
+            raise NoisecraftError(f"guidance 'every' must be an integer >= 1, got {every!r}.")
+        if mode not in GUIDANCE_MODES:
+            raise NoisecraftError(f"unknown loss guidance mode {mode!r}; choose one of {', '.join(GUIDANCE_MODES)}.")
+        self.loss_fn, self.scale, self.every, self.mode, self.max_sigma = loss_fn, float(scale), every, mode, max_sigma
+        self.calls = 0
+
+    def reset(self) -> None:
+        """Start counting calls again (for `every` > 1), e.g. before the next batch."""
+        self.calls = 0
+
+    def _loss(self, x0: torch.Tensor) -> torch.Tensor:
+        loss = self.loss_fn(x0)
+        if not torch.is_tensor(loss) or loss.ndim > 1 or (loss.ndim == 1 and loss.numel() != x0.shape[0]):
+            shape = tuple(loss.shape) if torch.is_tensor(loss) else type(loss).__name__
+            raise NoisecraftError(f"a guidance loss must return a scalar or one value per sample (shape "
+                                  f"({x0.shape[0]},)), got {shape}; reduce it over pixels and channels.")
+        return loss.sum()
+
+    def forward(self, x, sigma, cond=None):
+        apply = self.scale != 0 and self.calls % self.every == 0
+        self.calls += 1
+        sigma_b = _per_sample(sigma, x)
+        if not apply or bool((sigma_b > self.max_sigma).all()):
+            return self.inner(x, sigma, cond)
+        with torch.enable_grad():
+            if self.mode == "score":
+                x_in = x.detach().requires_grad_(True)
+                x0 = self.inner(x_in, sigma, cond)
+                (grad,) = torch.autograd.grad(self._loss(x0), x_in)
+                step = sigma_b**2 * grad                        # σ²·∇_x ℓ(x̂0(x))
+            else:
+                x0 = self.inner(x, sigma, cond).detach().requires_grad_(True)
+                (grad,) = torch.autograd.grad(self._loss(x0), x0)
+                step = grad                                     # ∇_{x̂0} ℓ(x̂0)
+        step = torch.where(sigma_b > self.max_sigma, torch.zeros_like(step), step)
+        return (x0 - self.scale * step).detach()
+
+
+# --------------------------------------------------------------------------------------------------
+# inpainting
+
+
+class InpaintingDenoiser(DenoiserWrapper):
+    """Generate only where `mask` is 1 and keep `known` where it is 0 ("replace" inpainting on x̂0):
+
+        D'(x, σ) = (1 - m)·x_known + m·D(x, σ)
+
+    Every sampler moves x towards its x̂0, so the known region of x is always the known image plus noise
+    at the current level: deterministic samplers (DDIM, Euler, Heun, LMS, DPM++) keep x = x_known + σ·c
+    there, with c fixed by the starting noise, and ancestral ones add fresh noise of the right variance.
+    That is the "noise the known part to the current σ and paste it in" step of Lugmayr et al. 2022
+    (RePaint, eq. 8, without resampling) and SDEdit, done once inside the denoiser instead of after each
+    sampler step; at σ = 0 the known pixels come out exactly. The network sees the whole noisy image,
+    so the generated region is drawn to match its surroundings.
+
+    known: images on the data scale, N×C×H×W (or one C×H×W image for the whole batch); mask: 1 = to
+    generate, 0 = keep (the convention of Stable Diffusion inpainting, where white is repainted),
+    broadcastable to known (e.g. N×1×H×W or H×W), values in [0, 1] (soft edges blend).
+    """
+
+    def __init__(self, denoiser: nn.Module, known: torch.Tensor, mask: torch.Tensor):
+        super().__init__(denoiser)
+        mask = torch.as_tensor(mask, dtype=known.dtype, device=known.device)
+        try:
+            torch.broadcast_shapes(mask.shape, known.shape)
+        except RuntimeError:
+            raise NoisecraftError(f"the inpainting mask of shape {tuple(mask.shape)} does not fit images of shape "
+                                  f"{tuple(known.shape)}; give one mask per image or one for all (H×W).") from None
+        if mask.numel() and (mask.min() < 0 or mask.max() > 1):
+            raise NoisecraftError("an inpainting mask must hold values in [0, 1] (1 = generate, 0 = keep).")
+        self.known, self.mask = known, mask
+
+    def forward(self, x, sigma, cond=None):
+        x0 = self.inner(x, sigma, cond)
+        known, mask = self.known.to(x0.device, x0.dtype), self.mask.to(x0.device, x0.dtype)
+        return (1 - mask) * known + mask * x0
+
+
+# --------------------------------------------------------------------------------------------------
+# interpolation
+
+
+def slerp(z0: torch.Tensor, z1: torch.Tensor, t) -> torch.Tensor:
+    """Spherical linear interpolation (Shoemake 1985), treating each tensor as one vector:
+
+        slerp(z0, z1; t) = sin((1 - t)θ)/sin θ · z0 + sin(tθ)/sin θ · z1,   cos θ = ⟨z0, z1⟩ / (|z0| |z1|)
+
+    Gaussian noise in many dimensions lives near a sphere of radius sqrt(d); the straight line between
+    two draws cuts inside it (|lerp(½)| ≈ |z|/√2, an atypical, blurry start), the great circle does not.
+    t: a number (returns z0's shape) or a 1-D tensor/list of n numbers (returns n×shape). Nearly parallel
+    inputs fall back to the straight line.
+    """
+    if z0.shape != z1.shape:
+        raise NoisecraftError(f"slerp needs two tensors of one shape, got {tuple(z0.shape)} and {tuple(z1.shape)}.")
+    ts = torch.as_tensor(t, dtype=torch.float64)
+    a, b = z0.double().flatten(), z1.double().flatten()
+    cos = (a @ b / (a.norm() * b.norm()).clamp_min(1e-30)).clamp(-1.0, 1.0)
+    theta = torch.arccos(cos)
+    flat = ts.reshape(-1, 1)
+    if math.sin(float(theta)) < 1e-6:
+        out = (1 - flat) * a + flat * b
+    else:
+        out = (torch.sin((1 - flat) * theta) * a + torch.sin(flat * theta) * b) / torch.sin(theta)
+    out = out.to(z0.dtype).reshape(-1, *z0.shape)
+    return out[0] if ts.ndim == 0 else out
+
+
+def lerp(c0: torch.Tensor, c1: torch.Tensor, t) -> torch.Tensor:
+    """Straight-line interpolation (1 - t)·c0 + t·c1 of conditions (label mixtures, embeddings);
+    t as in `slerp`."""
+    ts = torch.as_tensor(t, dtype=c0.dtype, device=c0.device)
+    out = torch.lerp(c0.unsqueeze(0), c1.unsqueeze(0), ts.reshape(-1, *(1,) * c0.ndim))
+    return out[0] if ts.ndim == 0 else out
+
+
+__all__ = ["DenoiserWrapper", "GUIDANCE_MODES", "InpaintingDenoiser", "LossGuidance", "lerp", "slerp"]
