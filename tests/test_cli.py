@@ -238,3 +238,14 @@ def test_image_size_not_divisible_by_the_model(tmp_path, capsys):
 def test_sample_needs_an_output_and_train_needs_out(run, capsys):
     assert "--out samples.npz" in fails_cleanly(capsys, ["sample", run])
     assert "--out DIR" in fails_cleanly(capsys, ["train", "--dataset", "digits", "--steps", "1"])
+
+
+def test_viz_forward_at_chosen_timesteps(tmp_path, capsys):
+    from PIL import Image
+    default, chosen = tmp_path / "default.png", tmp_path / "chosen.png"
+    assert main(["viz", "forward", "--dataset", "digits", "--out", str(default)]) == 0
+    assert main(["viz", "forward", "--dataset", "digits", "--t", "0", "500", "--out", str(chosen)]) == 0
+    # three cells (x0, t=0, t=500) instead of nine: the strip is narrower
+    assert Image.open(chosen).width < Image.open(default).width
+    line = fails_cleanly(capsys, ["viz", "forward", "--dataset", "digits", "--t", "1000", "--out", tmp_path / "x.png"])
+    assert "0..999" in line

@@ -332,8 +332,12 @@ def cmd_viz(args) -> int:
     dataset = _load_data(args, split="train")
     if not 0 <= args.index < len(dataset):
         raise NoisecraftError(f"--index must be in 0..{len(dataset) - 1}, got {args.index}.")
-    path = forward_strip(dataset, args.index, NoiseSchedule.create(args.schedule, args.T), args.out or "forward.png",
-                         seed=args.seed)
+    schedule = NoiseSchedule.create(args.schedule, args.T)
+    ts = args.t if args.t else [t for t in (0, 50, 100, 200, 300, 500, 700, 999) if t < args.T]
+    bad = [t for t in ts if not 0 <= t < args.T]
+    if bad:
+        raise NoisecraftError(f"--t values must be timesteps in 0..{args.T - 1}, got {bad}.")
+    path = forward_strip(dataset, args.index, schedule, args.out or "forward.png", ts=ts, seed=args.seed)
     print(f"wrote {path}")
     return 0
 
@@ -360,7 +364,6 @@ def forward_strip(dataset, index, schedule, path, ts=(0, 50, 100, 200, 300, 500,
 
     from .viz.images import save_strip
     x0, _ = dataset.batch(torch.tensor([index]))
-    ts = [t for t in ts if t < schedule.T]
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
     xs = torch.cat([schedule.q_sample(x0, torch.tensor([t]), noise) for t in ts])
     return save_strip(torch.cat([x0, xs.clamp(-1, 1)]), path, captions=["x0"] + [f"t={t}" for t in ts])
@@ -539,7 +542,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--n", type=int, default=16, help="viz reverse: samples in the GIF (the strip shows the first)")
     v.add_argument("--label", type=int, default=None, help="viz reverse: class (conditional runs)")
     v.add_argument("--device", default="cpu")
-    v.add_argument("--index", type=int, default=0)
+    v.add_argument("--index", type=int, default=0, help="viz forward: which dataset image")
+    v.add_argument("--t", type=int, nargs="+", default=None, help="viz forward: timesteps to show (default 0 50 ... 999)")
     v.add_argument("--schedule", default="cosine")
     v.add_argument("--T", type=int, default=1000)
     v.add_argument("--seed", type=int, default=0)
