@@ -506,7 +506,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="draw samples from a trained run (with optional guidance)")
     sampling_args(s)
     s.add_argument("--n", type=int, default=64)
-    s.set_defaults(func=cmd_sample)
+    # DDPM with 10 steps: on the 20-minute MNIST run it beat DDIM-50 (domain score 5.3 vs 9.6, n=200) at a fifth
+    # of the cost — 1000 samples in 42 s on 2 cores (README, "sample quality vs network evaluations").
+    s.set_defaults(func=cmd_sample, sampler="ddpm", steps=10)
 
     e = sub.add_parser("img2img", help="edit images (SDEdit): noise them to --strength and denoise")
     sampling_args(e)

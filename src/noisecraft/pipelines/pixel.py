@@ -146,7 +146,7 @@ class DiffusionPipeline:
         return images.to(self.device)
 
     @torch.no_grad()
-    def sample(self, n: int, *, sampler: str = "ddim", steps: int = 50, seed: int = 0, label=None,
+    def sample(self, n: int, *, sampler: str = "ddpm", steps: int = 10, seed: int = 0, label=None,
                guidance: float = 1.0, negative_label: int | None = None, guide=None, guide_scale: float = 1.0,
                guide_every: int = 1, guide_mode: str = "x0", guide_max_sigma: float = float("inf"),
                save_every: int = 0, batch_size: int = 250, spacing: str = "leading", progress=None,
