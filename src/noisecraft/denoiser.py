@@ -84,19 +84,17 @@ class Denoiser(nn.Module):
         return (self(x, sigma, cond) - x) / sigma_b**2
 
 
-class ClassifierFreeGuidance(nn.Module):
-    """D_w = D(x, σ, ∅) + w·(D(x, σ, c) - D(x, σ, ∅))  (Ho & Salimans 2022, eq. 6, written on x̂0).
+def _sigma_like(sigma, x: torch.Tensor) -> torch.Tensor:
+    """σ per sample, shaped to broadcast over x."""
+    return _as_batch(sigma, x).to(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
 
-    Guidance on x̂0 equals guidance on ε̂ because x̂0 = x - σ ε̂ is affine in ε̂. The conditional and
-    unconditional passes run as one batched forward. w = 1 is the plain conditional model; w = 0 the
-    unconditional one. `uncond` is the "no condition" input (the null label), or a negative condition.
-    """
 
-    def __init__(self, denoiser: nn.Module, scale: float, uncond: torch.Tensor):
+class DenoiserWrapper(nn.Module):
+    """A denoiser built on another: passes on the schedule and σ range samplers ask for."""
+
+    def __init__(self, denoiser: nn.Module):
         super().__init__()
         self.inner = denoiser
-        self.scale = scale
-        self.uncond = uncond
 
     @property
     def schedule(self):
@@ -109,6 +107,28 @@ class ClassifierFreeGuidance(nn.Module):
     @property
     def sigma_max(self):
         return self.inner.sigma_max
+
+    def eps(self, x, sigma, cond=None):
+        """ε̂ = (x - D(x, σ)) / σ of the wrapped (guided) denoiser."""
+        return (x - self(x, sigma, cond)) / _sigma_like(sigma, x)
+
+    def score(self, x, sigma, cond=None):
+        """(D(x, σ) - x) / σ² of the wrapped (guided) denoiser."""
+        return (self(x, sigma, cond) - x) / _sigma_like(sigma, x) ** 2
+
+
+class ClassifierFreeGuidance(DenoiserWrapper):
+    """D_w = D(x, σ, ∅) + w·(D(x, σ, c) - D(x, σ, ∅))  (Ho & Salimans 2022, eq. 6, written on x̂0).
+
+    Guidance on x̂0 equals guidance on ε̂ because x̂0 = x - σ ε̂ is affine in ε̂. The conditional and
+    unconditional passes run as one batched forward. w = 1 is the plain conditional model; w = 0 the
+    unconditional one. `uncond` is the "no condition" input (the null label), or a negative condition.
+    """
+
+    def __init__(self, denoiser: nn.Module, scale: float, uncond: torch.Tensor):
+        super().__init__(denoiser)
+        self.scale = scale
+        self.uncond = uncond
 
     def forward(self, x, sigma, cond=None):
         if cond is None or self.scale == 1.0:

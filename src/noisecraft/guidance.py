@@ -19,41 +19,13 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .denoiser import _as_batch
+from .denoiser import DenoiserWrapper, _as_batch
 from .errors import NoisecraftError
 
 
 def _per_sample(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
     """σ as an N×1×…×1 tensor of x's dtype, to scale a batch sample by sample."""
     return _as_batch(sigma, x).to(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
-
-
-class DenoiserWrapper(nn.Module):
-    """A denoiser built on another: passes on the schedule and σ range samplers ask for."""
-
-    def __init__(self, denoiser: nn.Module):
-        super().__init__()
-        self.inner = denoiser
-
-    @property
-    def schedule(self):
-        return self.inner.schedule
-
-    @property
-    def sigma_min(self):
-        return self.inner.sigma_min
-
-    @property
-    def sigma_max(self):
-        return self.inner.sigma_max
-
-    def eps(self, x, sigma, cond=None):
-        """ε̂ = (x - D(x, σ)) / σ of the wrapped (guided) denoiser."""
-        return (x - self(x, sigma, cond)) / _per_sample(sigma, x)
-
-    def score(self, x, sigma, cond=None):
-        """(D(x, σ) - x) / σ² of the wrapped (guided) denoiser."""
-        return (self(x, sigma, cond) - x) / _per_sample(sigma, x) ** 2
 
 
 # --------------------------------------------------------------------------------------------------
