@@ -22,7 +22,7 @@ import torch
 
 from noisecraft.evaluation.classifier import load_or_train_classifier
 from noisecraft.evaluation.fid import domain_fid, reference_statistics
-from noisecraft.pipelines.pixel import DiffusionPipeline
+from noisecraft.pipelines.diffusion import DiffusionPipeline
 from noisecraft.training.datasets import load_dataset
 
 SAMPLERS = ("ddpm", "ddim", "plms", "lms", "euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde")

@@ -23,7 +23,7 @@ from noisecraft.guidance import InpaintingDenoiser, LossGuidance, lerp, slerp
 from noisecraft.guides import brightness, less_blue, match_reference
 from noisecraft.io.checkpoint import save_json, save_weights
 from noisecraft.models.unet import UNet, UNetConfig
-from noisecraft.pipelines.pixel import DiffusionPipeline
+from noisecraft.pipelines.diffusion import DiffusionPipeline
 from noisecraft.samplers import generate
 from noisecraft.samplers.control import img2img, interpolate, strength_sigmas
 from noisecraft.samplers.steps import discrete_sigmas

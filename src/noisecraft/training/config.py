@@ -1,7 +1,9 @@
 """Run configuration: everything needed to rebuild the model and schedule, and to continue training.
 
-A run directory's config.json holds {"model": ..., "diffusion": ..., "train": ..., "data": ...}; each part
-is a dataclass here whose from_dict rejects unknown keys and wrong types with one clear sentence.
+A run directory's config.json holds {"model": ..., "diffusion": ..., "train": ..., "data": ...}, and for latent
+and text-conditional runs also "latent" (the VAE's scaling factor and latent shape; the VAE itself is copied into
+the run's vae/ folder) and "text" (the context length and width of the frozen text encoder in text_encoder/).
+Each part is a dataclass here whose from_dict rejects unknown keys and wrong types with one clear sentence.
 """
 
 from __future__ import annotations
@@ -104,20 +106,59 @@ class DataConfig:
 
 
 @dataclass
+class LatentConfig:
+    """Latent diffusion (Rombach et al. 2022): the U-Net denoises z = scaling_factor · E(x), a VAE latent."""
+
+    scaling_factor: float = 1.0
+    latent_shape: tuple[int, int, int] = (4, 7, 7)
+
+    def __post_init__(self):
+        self.latent_shape = tuple(self.latent_shape)
+        _check_number("latent", "scaling_factor", self.scaling_factor, lo=1e-8)
+        if len(self.latent_shape) != 3 or any(not isinstance(s, int) or s < 1 for s in self.latent_shape):
+            raise NoisecraftError(f"latent.latent_shape must be three positive integers, got {self.latent_shape!r}.")
+
+
+@dataclass
+class TextConfig:
+    """Text conditioning: the frozen encoder's token embeddings (max_length × dim) are the cross-attention context;
+    train.label_dropout is then the caption dropout (the empty prompt stands for "no caption")."""
+
+    max_length: int = 77
+    dim: int = 768
+
+    def __post_init__(self):
+        _check_number("text", "max_length", self.max_length, lo=1, integer=True)
+        _check_number("text", "dim", self.dim, lo=1, integer=True)
+
+
+@dataclass
 class RunConfig:
     model: UNetConfig
     diffusion: DiffusionConfig
     train: TrainConfig
     data: DataConfig
+    latent: LatentConfig | None = None
+    text: TextConfig | None = None
+
+    @property
+    def model_shape(self) -> tuple[int, int, int]:
+        """The shape the U-Net denoises: the image's, or the latent's in a latent run."""
+        return tuple(self.latent.latent_shape) if self.latent else tuple(self.data.image_shape)
 
     def to_dict(self) -> dict:
-        return {
+        d = {
             "version": CONFIG_VERSION,
             "model": self.model.to_dict(),
             "diffusion": asdict(self.diffusion),
             "train": asdict(self.train),
             "data": {**asdict(self.data), "image_shape": list(self.data.image_shape)},
         }
+        if self.latent is not None:
+            d["latent"] = {**asdict(self.latent), "latent_shape": list(self.latent.latent_shape)}
+        if self.text is not None:
+            d["text"] = asdict(self.text)
+        return d
 
     @classmethod
     def from_dict(cls, data: dict) -> "RunConfig":
@@ -126,7 +167,7 @@ class RunConfig:
         missing = [k for k in ("model", "diffusion", "train", "data") if k not in data]
         if missing:
             raise NoisecraftError(f"config.json lacks the sections {missing}; it was not written by noisecraft train.")
-        unknown = sorted(set(data) - {"version", "model", "diffusion", "train", "data"})
+        unknown = sorted(set(data) - {"version", "model", "diffusion", "train", "data", "latent", "text"})
         if unknown:
             raise NoisecraftError(f"unknown sections {unknown} in config.json; remove them.")
         if not isinstance(data["model"], dict):
@@ -140,6 +181,8 @@ class RunConfig:
             diffusion=_from_dict(DiffusionConfig, data["diffusion"], "diffusion"),
             train=_from_dict(TrainConfig, data["train"], "train"),
             data=_from_dict(DataConfig, data["data"], "data"),
+            latent=_from_dict(LatentConfig, data["latent"], "latent") if data.get("latent") is not None else None,
+            text=_from_dict(TextConfig, data["text"], "text") if data.get("text") is not None else None,
         )
 
 
@@ -155,11 +198,32 @@ def default_model_config(image_shape: tuple[int, int, int], num_classes: int = 0
                       attention_levels=(levels - 1,), dropout=0.0, num_classes=num_classes)
 
 
+def default_latent_model_config(latent_shape: tuple[int, int, int], num_classes: int = 0,
+                                context_dim: int | None = None) -> UNetConfig:
+    """A U-Net for small VAE latents (e.g. 4×7×7 for 28×28 images): wider than the pixel one, since each latent
+    "pixel" carries a 4×4 patch, with attention (self- and, for text, cross-attention) at every level. Latents
+    whose sides are odd cannot be halved, so those get a single level: at 7×7, self-attention already sees the
+    whole latent."""
+    c, h, w = latent_shape
+    mults = (1, 2) if h % 2 == 0 and w % 2 == 0 and min(h, w) >= 8 else (1,)
+    return UNetConfig(in_channels=c, base_channels=64, channel_mults=mults, num_res_blocks=2,
+                      attention_levels=tuple(range(len(mults))), head_dim=32, dropout=0.0, num_classes=num_classes,
+                      context_dim=context_dim)
+
+
 def make_run_config(dataset, conditional: bool = False, model: dict | None = None, diffusion: dict | None = None,
-                    train: dict | None = None) -> RunConfig:
-    """The default RunConfig for a dataset, with optional overrides per section (None values are ignored)."""
+                    train: dict | None = None, latent: LatentConfig | None = None,
+                    text: TextConfig | None = None) -> RunConfig:
+    """The default RunConfig for a dataset, with optional overrides per section (None values are ignored).
+    `latent` makes it a latent run (the U-Net sees latent_shape), `text` a text-conditional one."""
     drop_none = lambda d: {k: v for k, v in (d or {}).items() if v is not None}
-    base = default_model_config(tuple(dataset.image_shape), dataset.num_classes if conditional else 0)
+    num_classes = dataset.num_classes if conditional else 0
+    context_dim = text.dim if text is not None else None
+    if latent is not None:
+        base = default_latent_model_config(tuple(latent.latent_shape), num_classes, context_dim)
+    else:
+        base = default_model_config(tuple(dataset.image_shape), num_classes)
+        base.context_dim = context_dim
     model_kw = {**base.to_dict(), **drop_none(model)}
     if model and model.get("channel_mults") and not model.get("attention_levels"):
         model_kw["attention_levels"] = (len(model_kw["channel_mults"]) - 1,)
@@ -172,4 +236,6 @@ def make_run_config(dataset, conditional: bool = False, model: dict | None = Non
         train=TrainConfig(**train_kw),
         data=DataConfig(dataset=dataset.name, image_shape=tuple(dataset.image_shape),
                         class_names=list(dataset.class_names), conditional=bool(conditional)),
+        latent=latent,
+        text=text,
     )

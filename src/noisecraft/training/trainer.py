@@ -31,6 +31,7 @@ from ..losses import diffusion_loss
 from ..models.unet import UNet
 from ..schedule import NoiseSchedule
 from .config import RunConfig
+from .batches import ClassLabels, PixelImages, TrainingBatches
 from .datasets import ImageDataset
 from .ema import EMA
 
@@ -45,7 +46,7 @@ class Trainer:
     """Trains a UNet on an ImageDataset into a run directory. `fit()` runs until the step or time budget."""
 
     def __init__(self, config: RunConfig, dataset: ImageDataset, out_dir: str | Path, device: str = "cpu",
-                 progress: bool = True):
+                 progress: bool = True, batches=None):
         self.config = config
         self.dataset = dataset
         self.out_dir = Path(out_dir)
@@ -63,6 +64,8 @@ class Trainer:
         self.elapsed_before = 0.0     # training seconds spent by earlier invocations
         self._perm_epoch, self._perm = -1, None
         self._check_dataset()
+        # x0 and cond per step: pixels or cached VAE latents; labels or cached text embeddings (batches.py)
+        self.batches = batches if batches is not None else build_batches(config, dataset, self.out_dir)
 
     # --- data -----------------------------------------------------------------------------
 
@@ -72,7 +75,7 @@ class Trainer:
             raise NoisecraftError(f"dataset images have shape {tuple(self.dataset.image_shape)} but the run expects "
                                   f"{expected}; use the same dataset and --image-size as when the run started.")
         # Channel count and divisibility by the downsample factor: refuse now, not at the first step.
-        self.model.check_input(torch.empty((1, *expected), device="meta"))
+        self.model.check_input(torch.empty((1, *self.config.model_shape), device="meta"))
         if len(self.dataset) < self.config.train.batch_size:
             raise NoisecraftError(f"the dataset has {len(self.dataset)} images, fewer than the batch size "
                                   f"{self.config.train.batch_size}; lower --batch-size.")
@@ -97,15 +100,12 @@ class Trainer:
 
     def train_step(self) -> float:
         cfg, g = self.config, self.generator
-        x0, labels = self.dataset.batch(self.batch_indices(self.step))
+        x0, cond = self.batches.batch(self.batch_indices(self.step), g, cfg.train.label_dropout)
         x0 = x0.to(self.device)
+        cond = None if cond is None else cond.to(self.device)
         n = x0.shape[0]
         t = torch.randint(0, self.schedule.T, (n,), generator=g)
         noise = torch.randn(x0.shape, generator=g)
-        cond = None
-        if cfg.data.conditional:
-            drop = torch.rand(n, generator=g) < cfg.train.label_dropout
-            cond = torch.where(drop, torch.full_like(labels, cfg.model.num_classes), labels).to(self.device)
         self.model.train()
         loss = diffusion_loss(self.model, self.schedule, x0, t.to(self.device), noise.to(self.device), cond,
                               cfg.diffusion.prediction, cfg.diffusion.min_snr_gamma).mean()
@@ -228,6 +228,17 @@ class Trainer:
         else:
             return "?"
         return f"{int(left // 60)}:{int(left % 60):02d}"
+
+
+def build_batches(config: RunConfig, dataset: ImageDataset, run_dir: str | Path) -> TrainingBatches:
+    """The training batches a run needs: pixels or (for a latent run) the VAE latents of `dataset`, with class
+    labels or (for a text run) caption embeddings; latents and embeddings are computed once and cached in the
+    run directory (see components.py)."""
+    if config.latent is not None or config.text is not None:
+        from .components import latent_text_batches
+        return latent_text_batches(config, dataset, run_dir)
+    condition = ClassLabels(dataset.labels, config.model.num_classes) if config.data.conditional else None
+    return TrainingBatches(PixelImages(dataset), condition, len(dataset))
 
 
 def load_run_config(run_dir: str | Path) -> RunConfig:

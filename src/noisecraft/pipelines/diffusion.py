@@ -1,4 +1,8 @@
-"""Sampling from a trained run: load the EMA model, pick a sampler, apply guidance, keep intermediates."""
+"""Sampling from a trained run: load the EMA model, pick a sampler, apply guidance, keep intermediates.
+
+One pipeline serves every kind of run: pixel or latent (the U-Net works on VAE latents that are decoded at the
+end, Rombach et al. 2022), and unconditional, class-conditional or text-conditional (prompts are embedded by
+the run's frozen text encoder and reach the U-Net through cross-attention)."""
 
 from __future__ import annotations
 
@@ -26,25 +30,84 @@ class SampleResult:
 
 
 class DiffusionPipeline:
-    """A trained pixel-space model ready to sample:
+    """A trained model ready to sample:
 
         pipe = DiffusionPipeline.from_run("runs/mnist")
         images = pipe.sample(16, sampler="ddim", steps=50, seed=0).images
+        pipe = DiffusionPipeline.from_run("runs/fashion-ldm")          # latent, text-conditional
+        images = pipe.sample(16, prompt="a pair of trousers", guidance=4, steps=30).images
     """
 
-    def __init__(self, model: UNet, config: RunConfig, device="cpu"):
+    def __init__(self, model: UNet, config: RunConfig, device="cpu", vae=None, scaling_factor: float = 1.0,
+                 text_encoder=None):
         self.config = config
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         d = config.diffusion
         self.schedule = NoiseSchedule.create(d.schedule, d.T)
-        self.denoiser = Denoiser(self.model, self.schedule, d.prediction, clip_x0=d.clip_x0)
+        # x̂0 clipping to [-1, 1] is a pixel-range constraint; latents have no such range.
+        self.denoiser = Denoiser(self.model, self.schedule, d.prediction, clip_x0=d.clip_x0 and vae is None)
+        if (vae is None) != (config.latent is None):
+            raise NoisecraftError("a latent run needs its VAE and a pixel run takes none; load it with from_run.")
+        if (text_encoder is None) != (config.text is None):
+            raise NoisecraftError("a text-conditional run needs its text encoder; load it with from_run.")
+        self.vae = None if vae is None else vae.to(self.device).eval().requires_grad_(False)
+        self.scaling_factor = float(scaling_factor)
+        self.text_encoder = text_encoder
+        self._prompt_cache: dict[str, torch.Tensor] = {}
+
+    # --- the latent space and the text encoder ---------------------------------------------------
+
+    @property
+    def model_shape(self) -> tuple[int, int, int]:
+        """The shape the sampler works in: the image's, or the VAE latent's."""
+        return self.config.model_shape
+
+    @property
+    def takes_prompts(self) -> bool:
+        return self.text_encoder is not None
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> what the U-Net denoises: the images, or s·(VAE posterior mean)."""
+        if self.vae is None:
+            return images
+        return torch.cat([self.vae.encode(part).mode() * self.scaling_factor for part in images.split(250)])
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """The U-Net's space -> images: identity, or the VAE decoder of z / s (in float32, in chunks)."""
+        if self.vae is None:
+            return x
+        return torch.cat([self.vae.decode(part.float() / self.scaling_factor) for part in x.split(250)])
+
+    def embed(self, prompts: list[str]) -> torch.Tensor:
+        """Token embeddings N×L×D of prompts through the frozen text encoder (cached per distinct prompt)."""
+        if self.text_encoder is None:
+            raise NoisecraftError("this model is not text-conditional, so it takes no prompt; train it with "
+                                  "--text-encoder, or use --label for class-conditional models.")
+        missing = sorted({p for p in prompts if p not in self._prompt_cache})
+        if missing:
+            with torch.no_grad():
+                tokens = self.text_encoder(missing)[0].float().to(self.device)
+            self._prompt_cache.update(zip(missing, tokens))
+        return torch.stack([self._prompt_cache[p] for p in prompts])
+
+    def _prompts(self, n: int, prompt) -> list[str]:
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if len(prompts) == 1:
+            prompts = prompts * n
+        if len(prompts) != n or not all(isinstance(p, str) for p in prompts):
+            raise NoisecraftError(f"give one prompt or {n} of them (one per image), got {len(prompts)}.")
+        return prompts
 
     @classmethod
     def from_run(cls, run_dir: str | Path, device="cpu", weights: str = "ema") -> "DiffusionPipeline":
-        """Load a run directory: config.json + model.safetensors (EMA) or state/model.safetensors (raw)."""
+        """Load a run directory: config.json + model.safetensors (EMA) or state/model.safetensors (raw), and
+        for latent / text runs the VAE in vae/ and the text encoder in text_encoder/."""
+        from ..training.components import load_text_component, load_vae_component
         run_dir = Path(run_dir)
         config = load_run_config(run_dir)
+        vae, scaling_factor = load_vae_component(run_dir) if config.latent is not None else (None, 1.0)
+        text_encoder = load_text_component(run_dir) if config.text is not None else None
         path = run_dir / "model.safetensors" if weights == "ema" else run_dir / "state" / "model.safetensors"
         model = UNet(config.model)
         try:
@@ -77,9 +140,17 @@ class DiffusionPipeline:
             raise NoisecraftError(f"{what} must be an integer in 0..{self.num_classes - 1}, got {label!r}.")
         return label
 
-    def _conditioning(self, n: int, label, negative_label) -> torch.Tensor | None:
-        """Labels for n images. A negative label with no label steers away from it: the condition is
-        then the null label, and the negative one takes the unconditional side of guidance."""
+    def _conditioning(self, n: int, label, negative_label, prompt=None, negative_prompt=None) -> torch.Tensor | None:
+        """Labels (or, for text models, prompt embeddings) for n images. A negative label with no label steers
+        away from it: the condition is then the null label, and the negative one takes the unconditional side
+        of guidance. Text models work alike with the empty prompt as the null label."""
+        if self.takes_prompts:
+            if label is not None or negative_label is not None:
+                raise NoisecraftError("this model is text-conditional: describe the image with a prompt instead of "
+                                      "a class label.")
+            return self.embed(self._prompts(n, "" if prompt is None else prompt))
+        if prompt is not None or negative_prompt is not None:
+            self.embed([])   # raises the "not text-conditional" error
         if negative_label is not None:
             self._check_label(negative_label, "negative label")
             if label is None:
@@ -91,27 +162,36 @@ class DiffusionPipeline:
 
     def _make_denoiser(self, soft: bool = False, guidance: float = 1.0, negative_label: int | None = None,
                        guide=None, guide_scale: float = 1.0, guide_every: int = 1, guide_mode: str = "x0",
-                       guide_max_sigma: float = float("inf")):
-        """The base denoiser with classifier-free guidance (the negative label, if any, in place of the null
-        label) and loss guidance stacked on. A new one for each batch, so guide_every counts from its start."""
+                       guide_max_sigma: float = float("inf"), negative_prompt: str | None = None):
+        """The base denoiser with classifier-free guidance (the negative label or prompt, if any, in place of the
+        null label or empty prompt) and loss guidance stacked on. A new one for each batch, so guide_every
+        counts from its start. In a latent run the guide's loss sees the decoded image of x̂0."""
         denoiser = self.denoiser
-        if self.num_classes and (guidance != 1.0 or negative_label is not None):
+        if self.takes_prompts and (guidance != 1.0 or negative_prompt is not None):
+            uncond = self.embed(["" if negative_prompt is None else negative_prompt])
+            denoiser = ClassifierFreeGuidance(denoiser, guidance, uncond)
+        elif self.num_classes and (guidance != 1.0 or negative_label is not None):
             other = self.num_classes if negative_label is None else negative_label
             uncond = self._one_hot(other) if soft else torch.tensor(other, device=self.device)
             denoiser = ClassifierFreeGuidance(denoiser, guidance, uncond)
         if guide is not None:
+            if self.vae is not None:
+                pixel_guide = guide
+                guide = lambda z0: pixel_guide(self.decode(z0))   # noqa: E731 (gradients flow through the decoder)
             denoiser = LossGuidance(denoiser, guide, guide_scale, guide_every, guide_mode, guide_max_sigma)
         return denoiser
 
-    def _run(self, n: int, draw, *, label=None, negative_label=None, save_every: int = 0, batch_size: int = 250,
-             progress=None, **guides) -> SampleResult:
+    def _run(self, n: int, draw, *, label=None, negative_label=None, prompt=None, negative_prompt=None,
+             save_every: int = 0, batch_size: int = 250, progress=None, **guides) -> SampleResult:
         """Draw n images in batches: draw(denoiser, start, count, cond, callback) -> images of one batch.
         Keeps x_t and x̂0 every save_every steps of the first batch; progress(k) counts finished images."""
         if n < 1:
             raise NoisecraftError(f"the number of samples must be at least 1, got {n}.")
         if batch_size < 1:
             raise NoisecraftError(f"the batch size must be at least 1, got {batch_size}.")
-        labels = self._conditioning(n, label, negative_label)
+        labels = self._conditioning(n, label, negative_label, prompt, negative_prompt)
+        if negative_prompt is not None:
+            guides["negative_prompt"] = negative_prompt
         images, trajectory = [], []
         for start in range(0, n, batch_size):
             count = min(batch_size, n - start)
@@ -125,12 +205,26 @@ class DiffusionPipeline:
 
             denoiser = self._make_denoiser(False, negative_label=negative_label, **guides)
             cond = None if labels is None else labels[start:start + count]
-            images.append(draw(denoiser, start, count, cond, keep).clamp(-1, 1).cpu())
+            images.append(self.decode(draw(denoiser, start, count, cond, keep)).clamp(-1, 1).cpu())
         shown = None if labels is None or label is None else labels.cpu()
-        return SampleResult(torch.cat(images), shown, trajectory)
+        return SampleResult(torch.cat(images), shown, self._decode_trajectory(trajectory))
+
+    def _decode_trajectory(self, trajectory: list[dict]) -> list[dict]:
+        """In a latent run, add what the saved steps look like as images: "preview" (x_t on the VP scale,
+        decoded) and "denoised" (x̂0, decoded); the latents stay under "x_latent" and "denoised_latent"."""
+        if self.vae is None:
+            return trajectory
+        with torch.no_grad():
+            for info in trajectory:
+                scale = (1.0 + float(info["sigma"]) ** 2) ** -0.5
+                info["x_latent"], info["denoised_latent"] = info["x"], info["denoised"]
+                info["preview"] = self.decode((info["x"] * scale).to(self.device)).cpu()
+                info["denoised"] = self.decode(info["denoised"].to(self.device)).cpu()
+        return trajectory
 
     def _input_images(self, images, n: int | None, what: str = "input images") -> torch.Tensor:
-        """Images in [-1, 1] as N×C×H×W on the device, checked against the model; one image repeats n times."""
+        """Images in [-1, 1] as N×C×H×W on the device, checked against the model; one image repeats n times.
+        (Latent runs encode them with `encode` afterwards.)"""
         images = torch.as_tensor(images, dtype=torch.float32)
         if images.ndim == 3:
             images = images.unsqueeze(0)
@@ -147,6 +241,7 @@ class DiffusionPipeline:
 
     @torch.no_grad()
     def sample(self, n: int, *, sampler: str = "ddpm", steps: int = 10, seed: int = 0, label=None,
+               prompt=None, negative_prompt: str | None = None,
                guidance: float = 1.0, negative_label: int | None = None, guide=None, guide_scale: float = 1.0,
                guide_every: int = 1, guide_mode: str = "x0", guide_max_sigma: float = float("inf"),
                save_every: int = 0, batch_size: int = 250, spacing: str = "leading", progress=None,
@@ -159,14 +254,16 @@ class DiffusionPipeline:
         loss(x0) -> one loss per sample to push down, by guide_scale, on every guide_every-th denoiser
         call, guide_mode "x0" (shift x̂0 by the gradient) or "score" (gradient through the network), only
         at σ <= guide_max_sigma (see noisecraft.guidance.LossGuidance). save_every k > 0 keeps x_t and x̂0
-        every k steps (first batch only). Sample i uses seed + i, whatever batch_size."""
-        shape = tuple(self.config.data.image_shape)
+        every k steps (first batch only). Sample i uses seed + i, whatever batch_size.
+        Text-conditional models take `prompt` (one, or one per image) and `negative_prompt` instead of labels."""
+        shape = self.model_shape
 
         def draw(denoiser, start, count, cond, keep):
             return generate(denoiser, (count, *shape), sampler=sampler, steps=steps, spacing=spacing, cond=cond,
                             seed=seed + start, callback=keep, device=self.device, **options)
 
-        return self._run(n, draw, label=label, negative_label=negative_label, save_every=save_every,
+        return self._run(n, draw, label=label, negative_label=negative_label, prompt=prompt,
+                         negative_prompt=negative_prompt, save_every=save_every,
                          batch_size=batch_size, progress=progress, guidance=guidance, guide=guide,
                          guide_scale=guide_scale, guide_every=guide_every, guide_mode=guide_mode,
                          guide_max_sigma=guide_max_sigma)
@@ -180,6 +277,7 @@ class DiffusionPipeline:
         guidance, loss guidance, save_every, batch_size, progress and sampler options as in `sample`."""
         images = self._input_images(images, n)
         control.strength_sigmas(torch.zeros(2), strength)                  # a bad strength fails before any work
+        images = self.encode(images)
         run_kw, options = self._split(kwargs)
 
         def draw(denoiser, start, count, cond, keep):
@@ -203,6 +301,12 @@ class DiffusionPipeline:
         except RuntimeError:
             raise NoisecraftError(f"the mask of shape {tuple(mask.shape)[-2:]} does not fit images of shape "
                                   f"{tuple(images.shape)}; give an H×W mask of the model's image size.") from None
+        if self.vae is not None:
+            # Latent inpainting: the known region is kept in latent space, with the mask shrunk to the latent
+            # grid (area average, then "generate" wherever any of the patch is to be generated).
+            images = self.encode(images)
+            small = torch.nn.functional.adaptive_avg_pool2d(mask[:, :1], images.shape[-2:])
+            mask = (small > 0).float().expand_as(images)
         run_kw, options = self._split(kwargs)
 
         def draw(denoiser, start, count, cond, keep):
@@ -212,8 +316,8 @@ class DiffusionPipeline:
 
         return self._run(images.shape[0], draw, **run_kw)
 
-    _RUN_KEYS = ("label", "negative_label", "save_every", "batch_size", "progress", "guidance", "guide",
-                 "guide_scale", "guide_every", "guide_mode", "guide_max_sigma")
+    _RUN_KEYS = ("label", "negative_label", "prompt", "negative_prompt", "save_every", "batch_size", "progress",
+                 "guidance", "guide", "guide_scale", "guide_every", "guide_mode", "guide_max_sigma")
 
     def _split(self, kwargs: dict) -> tuple[dict, dict]:
         """(arguments for _run, sampler options) out of the keyword arguments of img2img / inpaint."""
@@ -222,16 +326,24 @@ class DiffusionPipeline:
 
     @torch.no_grad()
     def interpolate_seeds(self, seed_a: int, seed_b: int, n: int = 8, *, label: int | None = None,
-                          label_b: int | None = None, sampler: str = "ddim", steps: int = 50, guidance: float = 1.0,
-                          negative_label: int | None = None, save_every: int = 0, spacing: str = "leading",
-                          **options) -> SampleResult:
+                          label_b: int | None = None, prompt: str | None = None, prompt_b: str | None = None,
+                          negative_prompt: str | None = None, sampler: str = "ddim", steps: int = 50,
+                          guidance: float = 1.0, negative_label: int | None = None, save_every: int = 0,
+                          spacing: str = "leading", **options) -> SampleResult:
         """n images on the path from seed_a's picture to seed_b's: slerp of the starting noise (the ends are
         exactly `sample(1, seed=seed_a)` and `seed_b`'s for deterministic samplers). With label and label_b
-        the class moves too: the label embeddings are mixed linearly (soft labels), e.g. from a 3 to an 8."""
-        shape = tuple(self.config.data.image_shape)
-        if label_b is None:
-            cond = self._conditioning(n, label, negative_label)
-            denoiser = self._make_denoiser(False, guidance, negative_label)
+        the class moves too: the label embeddings are mixed linearly (soft labels), e.g. from a 3 to an 8.
+        Text models do the same with prompt and prompt_b: their token embeddings are mixed linearly."""
+        shape = self.model_shape
+        if prompt_b is not None:
+            if prompt is None:
+                raise NoisecraftError("prompt_b is the end of a path between two prompts; give its start with prompt.")
+            a, b = self.embed([prompt, prompt_b])
+            cond = lerp(a, b, torch.linspace(0, 1, n, device=self.device))
+            denoiser = self._make_denoiser(False, guidance, negative_prompt=negative_prompt)
+        elif label_b is None:
+            cond = self._conditioning(n, label, negative_label, prompt, negative_prompt)
+            denoiser = self._make_denoiser(False, guidance, negative_label, negative_prompt=negative_prompt)
         else:
             if label is None:
                 raise NoisecraftError("label_b is the end of a path between two classes; give its start with label.")
@@ -247,4 +359,4 @@ class DiffusionPipeline:
 
         x = control.interpolate(denoiser, shape, seed_a, seed_b, n, sampler=sampler, steps=steps, spacing=spacing,
                                 cond=cond, callback=keep, device=self.device, **options)
-        return SampleResult(x.clamp(-1, 1).cpu(), None, trajectory)
+        return SampleResult(self.decode(x).clamp(-1, 1).cpu(), None, self._decode_trajectory(trajectory))

@@ -1,0 +1,154 @@
+"""Text-to-image within a CPU budget: VAE + CLIP text encoder + latent U-Net, against a pixel-space
+class-conditional U-Net trained for the same budget.
+
+    python benchmarks/text_to_image.py latent --minutes 40 --threads 1 &     # both at once, one core each
+    python benchmarks/text_to_image.py pixel --minutes 40 --threads 1
+    python benchmarks/text_to_image.py report                                # the table (README)
+
+`latent` runs the three training commands a user would run (`noisecraft train-vae`, `train-clip`, then
+`train --latent --text-encoder`), splitting --minutes between them (VAE --vae-minutes, CLIP --clip-minutes,
+the rest — after the one-off latent/caption encoding — to the U-Net), and times them as a whole. `pixel`
+trains `noisecraft train --conditional` for the full --minutes. Both then draw --per-class images for each
+class — the latent model from the class's prompt ("a handwritten digit seven"), the pixel model from its
+label — with the txt2img defaults (DDPM, 30 steps, guidance 4), and score them: the accuracy of a small
+classifier trained on the real data (does the image show the prompted class?) and the FID-style domain
+score against the test split (Fréchet distance of that classifier's features; NOT comparable to published
+Inception FID). Training throughput (images/s) of both comes from their logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from noisecraft.evaluation.classifier import load_or_train_classifier, predict
+from noisecraft.evaluation.fid import domain_fid
+from noisecraft.pipelines.diffusion import DiffusionPipeline
+from noisecraft.training.captions import class_prompts
+from noisecraft.training.datasets import load_dataset
+from noisecraft.viz.images import save_grid
+
+SAMPLER, STEPS, GUIDANCE = "ddpm", 30, 4.0   # the txt2img defaults
+
+
+def noisecraft(args: list[str], threads: int) -> float:
+    """Run a noisecraft command in a subprocess with `threads` OpenMP threads; return its wall time."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    t0 = time.perf_counter()
+    print("$ noisecraft " + " ".join(args), flush=True)
+    subprocess.run([sys.executable, "-m", "noisecraft", *args], check=True, env=env)
+    return time.perf_counter() - t0
+
+
+def train_images_per_s(run: Path) -> float:
+    """Mean training throughput from a run's log.csv (rows after the first, which includes warm-up)."""
+    rows = list(csv.DictReader(open(run / "log.csv")))
+    values = [float(r["images_per_s"]) for r in rows[1:]] or [float(r["images_per_s"]) for r in rows]
+    return sum(values) / len(values)
+
+
+def evaluate(pipe: DiffusionPipeline, conditions: list, per_class: int, key: str, test, classifier, out: Path,
+             name: str) -> dict:
+    """per_class images for each condition (prompt or label) -> classifier accuracy per class, domain score."""
+    images, targets = [], []
+    t0 = time.perf_counter()
+    for c, condition in enumerate(conditions):
+        result = pipe.sample(per_class, sampler=SAMPLER, steps=STEPS, guidance=GUIDANCE, seed=1000 * c,
+                             **{key: condition})
+        images.append(result.images)
+        targets.append(torch.full((per_class,), c))
+    seconds = time.perf_counter() - t0
+    images, targets = torch.cat(images), torch.cat(targets)
+    predicted = predict(classifier, images)
+    per_class_acc = [(predicted[targets == c] == c).float().mean().item() for c in range(len(conditions))]
+    order = torch.arange(len(images)).reshape(len(conditions), per_class)[:, :8].T.flatten()
+    save_grid(images[order], out / f"{name}_grid.png", nrow=len(conditions))
+    return {"accuracy": (predicted == targets).float().mean().item(), "accuracy_per_class": per_class_acc,
+            "domain_score": domain_fid(images, test, classifier), "samples": len(images),
+            "sample_seconds": seconds}
+
+
+def run_latent(args, out: Path) -> dict:
+    runs = out / "runs"
+    t0 = time.perf_counter()
+    common = ["--dataset", args.dataset, "--seed", str(args.seed)] + (["--data-dir", args.data_dir] if args.data_dir else [])
+    vae_s = noisecraft(["train-vae", *common, "--out", str(runs / "vae"), "--minutes", str(args.vae_minutes)],
+                       args.threads)
+    clip_s = noisecraft(["train-clip", *common, "--out", str(runs / "clip"), "--minutes", str(args.clip_minutes)],
+                        args.threads)
+    # The U-Net gets what is left, less a margin for the one-off encoding of the dataset into latents.
+    left = args.minutes - (time.perf_counter() - t0) / 60 - args.encode_margin
+    unet_s = noisecraft(["train", *common, "--latent", str(runs / "vae"), "--text-encoder", str(runs / "clip"),
+                         "--out", str(runs / "ldm"), "--minutes", f"{left:.3f}", "--sample-every", "0"], args.threads)
+    total = time.perf_counter() - t0
+    torch.set_num_threads(args.threads)
+    pipe = DiffusionPipeline.from_run(runs / "ldm")
+    vae_config = json.loads((runs / "vae" / "config.json").read_text())
+    clip_config = json.loads((runs / "clip" / "config.json").read_text())
+    return {"minutes_total": total / 60, "minutes": {"vae": vae_s / 60, "clip": clip_s / 60, "unet": unet_s / 60},
+            "vae_metrics": vae_config.get("metrics"), "clip_metrics": clip_config.get("metrics"),
+            "train_images_per_s": train_images_per_s(runs / "ldm"), "pipe": pipe,
+            "conditions": class_prompts(args.dataset), "key": "prompt"}
+
+
+def run_pixel(args, out: Path) -> dict:
+    runs = out / "runs"
+    common = ["--dataset", args.dataset, "--seed", str(args.seed)] + (["--data-dir", args.data_dir] if args.data_dir else [])
+    seconds = noisecraft(["train", *common, "--conditional", "--out", str(runs / "pixel"), "--minutes",
+                          str(args.minutes), "--sample-every", "0"], args.threads)
+    torch.set_num_threads(args.threads)
+    pipe = DiffusionPipeline.from_run(runs / "pixel")
+    return {"minutes_total": seconds / 60, "train_images_per_s": train_images_per_s(runs / "pixel"), "pipe": pipe,
+            "conditions": list(range(len(pipe.config.data.class_names))), "key": "label"}
+
+
+def report(out: Path) -> None:
+    rows = {k: json.loads((out / f"{k}.json").read_text()) for k in ("latent", "pixel") if (out / f"{k}.json").exists()}
+    print(f"| model | training minutes (wall) | train images/s | prompted-class accuracy | domain score (n) |")
+    print("|---|---|---|---|---|")
+    for k, r in rows.items():
+        print(f"| {k} | {r['minutes_total']:.1f} | {r['train_images_per_s']:.0f} | {r['accuracy'] * 100:.1f}% | "
+              f"{r['domain_score']:.2f} ({r['samples']}) |")
+    if len(rows) == 2:
+        ratio = rows["latent"]["train_images_per_s"] / rows["pixel"]["train_images_per_s"]
+        print(f"\nlatent / pixel training throughput: {ratio:.2f}x")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("part", choices=["latent", "pixel", "report"])
+    p.add_argument("--dataset", default="mnist")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--minutes", type=float, default=40.0, help="the whole training budget of each model")
+    p.add_argument("--vae-minutes", type=float, default=8.0)
+    p.add_argument("--clip-minutes", type=float, default=3.0)
+    p.add_argument("--encode-margin", type=float, default=1.0, help="minutes kept for encoding latents once")
+    p.add_argument("--per-class", type=int, default=100)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="benchmarks/out/text_to_image")
+    args = p.parse_args(argv)
+    out = Path(args.out) / args.dataset
+    out.mkdir(parents=True, exist_ok=True)
+    if args.part == "report":
+        return report(out)
+    result = run_latent(args, out) if args.part == "latent" else run_pixel(args, out)
+    test = load_dataset(args.dataset, "test", data_dir=args.data_dir)
+    classifier = load_or_train_classifier(args.dataset, data_dir=args.data_dir)
+    pipe, conditions, key = result.pop("pipe"), result.pop("conditions"), result.pop("key")
+    result.update(evaluate(pipe, conditions, args.per_class, key, test, classifier, out, args.part))
+    result.update(sampler=SAMPLER, steps=STEPS, guidance=GUIDANCE, threads=args.threads)
+    (out / f"{args.part}.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
