@@ -238,3 +238,105 @@ def test_same_seed_same_weights_and_parameter_count():
     assert count_parameters(a) == count_parameters(b) > 0
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(p, q), name
+
+
+# ---------------------------------------------------------------- text conditioning (cross-attention)
+
+
+def text_model(seed: int = 0, **overrides) -> UNet:
+    settings = dict(in_channels=4, context_dim=12, attention_levels=(1,))
+    settings.update(overrides)
+    return perturb(build(seed, **settings))
+
+
+def test_text_model_uses_spatial_transformers_everywhere_attention_is():
+    from noisecraft.models.transformer import SpatialTransformer
+    model = build(in_channels=4, context_dim=12, channel_mults=(1, 2), attention_levels=(0, 1))
+    attentions = [a for side in (model.down, model.up) for level in side for a in level.attentions]
+    assert attentions and all(isinstance(a, SpatialTransformer) for a in attentions)
+    assert isinstance(model.mid_attn, SpatialTransformer)
+    assert model.mid_attn.transformer_blocks[0].attn2.to_k.in_features == 12
+    assert not any("qkv" in name for name, _ in model.named_parameters())
+
+
+def test_text_model_shapes_and_gradients_reach_every_parameter_and_the_context():
+    model = text_model().train()
+    x, t = noisy((2, 4, 8, 8)), torch.tensor([3.0, 700.0])
+    context = noisy((2, 5, 12), seed=1).requires_grad_()
+    out = model(x, t, context)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    out.pow(2).mean().backward()
+    assert context.grad is not None and context.grad.abs().sum() > 0     # the text steers the output
+    silent = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not silent, f"no gradient for {silent}"
+
+
+def test_different_contexts_give_different_outputs_and_same_context_the_same():
+    model = text_model()
+    x = noisy((1, 4, 8, 8)).expand(3, -1, -1, -1)
+    a, b = noisy((1, 5, 12), seed=1), noisy((1, 5, 12), seed=2)
+    with torch.no_grad():
+        out = model(x, torch.full((3,), 400.0), torch.cat([a, b, a]))
+    assert not torch.allclose(out[0], out[1])
+    torch.testing.assert_close(out[0], out[2])
+    # A context of another length (more tokens) is fine: attention pools over tokens.
+    assert model(x, torch.full((3,), 1.0), noisy((3, 9, 12))).shape == x.shape
+
+
+def test_fresh_text_model_outputs_zero():
+    model = build(in_channels=4, context_dim=12)
+    out = model(noisy((2, 4, 8, 8)), torch.tensor([1.0, 2.0]), noisy((2, 3, 12)))
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_transformer_depth_two():
+    one, two = build(in_channels=4, context_dim=12), build(in_channels=4, context_dim=12, transformer_depth=2)
+    assert len(two.mid_attn.transformer_blocks) == 2 and len(one.mid_attn.transformer_blocks) == 1
+    assert count_parameters(two) > count_parameters(one)
+    two = perturb(two)
+    x = noisy((2, 4, 8, 8))
+    assert torch.isfinite(two(x, torch.tensor([1.0, 2.0]), noisy((2, 3, 12)))).all()
+
+
+def test_text_model_context_errors():
+    model = build(in_channels=4, context_dim=12)
+    x, t = noisy((2, 4, 8, 8)), torch.tensor([1.0, 2.0])
+    with pytest.raises(NoisecraftError, match="needs cond.*empty prompt"):
+        model(x, t)
+    with pytest.raises(NoisecraftError, match=r"2×L×12.*got \(2, 5, 16\)"):
+        model(x, t, noisy((2, 5, 16)))                          # wrong width
+    with pytest.raises(NoisecraftError, match=r"got \(3, 5, 12\)"):
+        model(x, t, noisy((3, 5, 12)))                          # wrong batch size
+    with pytest.raises(NoisecraftError, match=r"got \(2,\)"):
+        model(x, t, torch.tensor([1, 2]))                       # class labels given to a text model
+
+
+@pytest.mark.parametrize("bad, pattern", [
+    (dict(context_dim=0), "context_dim must be a positive integer or None"),
+    (dict(context_dim=7.5), "context_dim must be a positive integer or None"),
+    (dict(context_dim=8, transformer_depth=0), "transformer_depth must be a positive integer"),
+    (dict(context_dim=8, num_classes=10), "class labels.*or text.*not both"),
+])
+def test_text_config_validation(bad, pattern):
+    with pytest.raises(NoisecraftError, match=pattern):
+        tiny(**bad)
+
+
+def test_text_config_round_trip_and_old_configs_still_load():
+    config = tiny(in_channels=4, context_dim=768, transformer_depth=2)
+    data = config.to_dict()
+    assert data["context_dim"] == 768 and data["transformer_depth"] == 2
+    assert UNetConfig.from_dict(data) == config
+    old = tiny(num_classes=10).to_dict()
+    del old["context_dim"], old["transformer_depth"]            # a config.json written before text models
+    again = UNetConfig.from_dict(old)
+    assert again.context_dim is None and again.transformer_depth == 1 and again == tiny(num_classes=10)
+
+
+def test_class_model_takes_labels_through_cond():
+    model = perturb(build(num_classes=5))
+    x, t = noisy((2, 1, 16, 16)), torch.tensor([100.0, 900.0])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t, cond=torch.tensor([1, 2])), model(x, t, torch.tensor([1, 2])))
+        soft = torch.nn.functional.one_hot(torch.tensor([1, 2]), 6).float()   # soft weights still work
+        torch.testing.assert_close(model(x, t, soft), model(x, t, torch.tensor([1, 2])), atol=1e-5, rtol=1e-5)

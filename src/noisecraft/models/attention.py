@@ -1,4 +1,11 @@
-"""Attention blocks: softmax(QKᵀ/√d)V through torch's fused scaled_dot_product_attention."""
+"""Attention blocks: softmax(QKᵀ/√d)V through torch's fused scaled_dot_product_attention.
+
+`SelfAttention2d` is the pixel U-Net's block (one fused 1×1 QKV convolution). `Attention` is the general
+multi-head attention of the Transformer (Vaswani et al. 2017, eq. 1 and §3.2.2) on token sequences: self-attention
+when no context is given, cross-attention when it is — Q from the image tokens, K and V from the context (text
+embeddings), as in latent diffusion (Rombach et al. 2022, eq. 3). Its parameter names (to_q, to_k, to_v, to_out.0)
+are those of Stable Diffusion checkpoints in the diffusers layout, so their weights load by name.
+"""
 
 from __future__ import annotations
 
@@ -33,3 +40,33 @@ class SelfAttention2d(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v)
         out = out.permute(0, 1, 3, 2).reshape(n, c, h, w)
         return x + self.proj(out)
+
+
+class Attention(nn.Module):
+    """Multi-head attention softmax(QKᵀ/√d)V over tokens x (B×N×query_dim), attending to `context` (B×L×context_dim)
+    if given (cross-attention), else to x itself (self-attention). Output: B×N×query_dim.
+
+    Q, K and V are bias-free linear maps to heads·head_dim features; the output map has a bias (Stable Diffusion's layout).
+    """
+
+    def __init__(self, query_dim: int, context_dim: int | None = None, heads: int = 8, head_dim: int = 64,
+                 dropout: float = 0.0):
+        super().__init__()
+        inner = heads * head_dim
+        self.heads = heads
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim or query_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim or query_dim, inner, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(inner, query_dim), nn.Dropout(dropout)])  # keys to_out.0.*
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """B×N×(heads·d) -> B×heads×N×d."""
+        b, n, _ = x.shape
+        return x.view(b, n, self.heads, -1).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        source = x if context is None else context
+        q, k, v = self.split_heads(self.to_q(x)), self.split_heads(self.to_k(source)), self.split_heads(self.to_v(source))
+        out = F.scaled_dot_product_attention(q, k, v)   # scale 1/√head_dim
+        out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
+        return self.to_out[1](self.to_out[0](out))

@@ -6,6 +6,10 @@
 
 Every ResBlock receives the time embedding (and, for class-conditional models, a label embedding added
 to it) through a FiLM scale and shift after its second GroupNorm (improved DDPM, Nichol & Dhariwal 2021).
+
+Text-conditional models (`context_dim` set) replace every attention block, the middle one included, with the
+spatial transformer of latent diffusion (Rombach et al. 2022, §3.3): self-attention, then cross-attention from the
+image features to the text embeddings τ(y), then a feed-forward layer (models/transformer.py).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from torch import nn
 from ..errors import NoisecraftError
 from .attention import SelfAttention2d
 from .embeddings import LabelEmbedding, TimeEmbedding
+from .transformer import SpatialTransformer
 
 
 @dataclass
@@ -35,6 +40,8 @@ class UNetConfig:
     dropout: float = 0.1
     num_classes: int = 0                      # 0: unconditional; >0 adds a label embedding with a null class
     groups: int = 8                           # GroupNorm groups
+    context_dim: int | None = None            # None: no text; else the width of the text embeddings (cross-attention)
+    transformer_depth: int = 1                # transformer blocks per attention site of a text model
 
     def __post_init__(self):
         self.channel_mults = tuple(self.channel_mults)
@@ -60,6 +67,13 @@ class UNetConfig:
             raise NoisecraftError(f"dropout must be in [0, 1), got {self.dropout}.")
         if not isinstance(self.num_classes, int) or self.num_classes < 0:
             raise NoisecraftError(f"num_classes must be a non-negative integer, got {self.num_classes!r}.")
+        if self.context_dim is not None and (not isinstance(self.context_dim, int) or self.context_dim < 1):
+            raise NoisecraftError(f"context_dim must be a positive integer or None, got {self.context_dim!r}.")
+        if not isinstance(self.transformer_depth, int) or self.transformer_depth < 1:
+            raise NoisecraftError(f"transformer_depth must be a positive integer, got {self.transformer_depth!r}.")
+        if self.num_classes and self.context_dim is not None:
+            raise NoisecraftError("a model takes class labels (num_classes) or text (context_dim), not both; "
+                                  "set one of them to its default (0 or None).")
 
     @classmethod
     def from_dict(cls, data: dict) -> "UNetConfig":
@@ -136,11 +150,14 @@ class Level(nn.Module):
 
 
 class UNet(nn.Module):
-    """ε/x0/v-prediction network f(x_t, t, labels) with the shape of its input.
+    """ε/x0/v-prediction network f(x_t, t, cond) with the shape of its input.
 
-    `t` is a float tensor of timesteps (shape N, fractional values allowed); `labels` an int tensor
-    (shape N) for class-conditional models, where `num_classes` is the null label, or None; float mixing
-    weights of shape N×(num_classes + 1) blend class embeddings (label interpolation).
+    `t` is a float tensor of timesteps (shape N, fractional values allowed). `cond` depends on the model:
+    - class-conditional (num_classes > 0): an int tensor of labels (shape N), where `num_classes` is the null
+      label, or None (unconditional); float mixing weights of shape N×(num_classes + 1) blend class embeddings;
+    - text-conditional (context_dim set): the text embeddings, N×L×context_dim; required — pass the empty
+      prompt's embedding for the unconditional model;
+    - unconditional: ignored.
     """
 
     def __init__(self, config: UNetConfig):
@@ -152,8 +169,14 @@ class UNet(nn.Module):
         self.label_embed = LabelEmbedding(c.num_classes, emb_dim) if c.num_classes else None
         self.conv_in = nn.Conv2d(c.in_channels, widths[0], 3, padding=1)
 
+        def attention_block(ch: int) -> nn.Module:
+            if c.context_dim is None:
+                return SelfAttention2d(ch, c.head_dim, c.groups)
+            head_dim = c.head_dim if ch % c.head_dim == 0 else ch   # one head for odd widths, as SelfAttention2d
+            return SpatialTransformer(ch, ch // head_dim, head_dim, c.context_dim, c.transformer_depth, c.groups)
+
         def attention(level: int, ch: int) -> nn.Module:
-            return SelfAttention2d(ch, c.head_dim, c.groups) if level in c.attention_levels else nn.Identity()
+            return attention_block(ch) if level in c.attention_levels else nn.Identity()
 
         # Down path: remember the width of every skip connection it produces.
         self.down, self.downsamplers = nn.ModuleList(), nn.ModuleList()
@@ -172,7 +195,7 @@ class UNet(nn.Module):
                 skip_widths.append(ch)
 
         self.mid_block1 = ResBlock(ch, ch, emb_dim, c.dropout, c.groups)
-        self.mid_attn = SelfAttention2d(ch, c.head_dim, c.groups)
+        self.mid_attn = attention_block(ch)
         self.mid_block2 = ResBlock(ch, ch, emb_dim, c.dropout, c.groups)
 
         # Up path: each block consumes one skip connection, in reverse order.
@@ -207,12 +230,32 @@ class UNet(nn.Module):
                 f"image size {x.shape[2]}×{x.shape[3]} is not divisible by {f} (the model halves it "
                 f"{len(c.channel_mults) - 1} times); use fewer channel_mults or resize the images.")
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def check_context(self, x: torch.Tensor, context: torch.Tensor | None) -> None:
+        """Raise a clear error for a missing or mis-shaped text context."""
+        c = self.config
+        if context is None:
+            raise NoisecraftError(
+                "this text-conditional model needs cond: text embeddings of shape N×L×"
+                f"{c.context_dim} (for the unconditional model pass the empty prompt's embedding).")
+        if context.ndim != 3 or context.shape[0] != x.shape[0] or context.shape[2] != c.context_dim:
+            raise NoisecraftError(
+                f"the text context must have shape {x.shape[0]}×L×{c.context_dim} (batch × tokens × "
+                f"context_dim), got {tuple(context.shape)}; check the text encoder's width and the batch size.")
+
+    def attend(self, attn: nn.Module, h: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        return attn(h, context) if isinstance(attn, SpatialTransformer) else attn(h)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         self.check_input(x)
+        context = None
+        if self.config.context_dim is not None:
+            self.check_context(x, cond)
+            context = cond
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         emb = self.time_embed(t)
         if self.label_embed is not None:
+            labels = cond
             if labels is None:  # no label given: the unconditional model
                 labels = torch.full((x.shape[0],), self.label_embed.null_label, device=x.device)
             emb = emb + self.label_embed(labels)
@@ -222,17 +265,17 @@ class UNet(nn.Module):
         skips = [h]
         for level, down in zip(self.down, self.downsamplers):
             for block, attn in zip(level.blocks, level.attentions):
-                h = attn(block(h, emb))
+                h = self.attend(attn, block(h, emb), context)
                 skips.append(h)
             if not isinstance(down, nn.Identity):
                 h = down(h)
                 skips.append(h)
 
-        h = self.mid_block2(self.mid_attn(self.mid_block1(h, emb)), emb)
+        h = self.mid_block2(self.attend(self.mid_attn, self.mid_block1(h, emb), context), emb)
 
         for level, up in zip(self.up, self.upsamplers):
             for block, attn in zip(level.blocks, level.attentions):
-                h = attn(block(torch.cat([h, skips.pop()], dim=1), emb))
+                h = self.attend(attn, block(torch.cat([h, skips.pop()], dim=1), emb), context)
             h = up(h)
 
         return self.conv_out(F.silu(self.norm_out(h))).contiguous()
