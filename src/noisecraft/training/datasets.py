@@ -38,6 +38,7 @@ class ImageDataset:
     labels: torch.Tensor | None
     class_names: list[str]
     name: str
+    files: list[str] | None = None  # folder datasets: each image's path relative to the folder (for captions)
 
     def __post_init__(self) -> None:
         # Programming errors, not user errors: the loaders below always build valid datasets.
@@ -78,7 +79,8 @@ class ImageDataset:
         if n < 0:
             raise ValueError(f"subset size must be >= 0, got {n}")
         labels = self.labels[:n].clone() if self.labels is not None else None
-        return ImageDataset(self.images[:n].clone(), labels, list(self.class_names), self.name)
+        files = list(self.files[:n]) if self.files is not None else None
+        return ImageDataset(self.images[:n].clone(), labels, list(self.class_names), self.name, files)
 
 
 def resolve_data_dir(data_dir: str | Path | None = None) -> Path:
@@ -372,4 +374,5 @@ def _load_folder(path_text: str, image_size: int | None) -> ImageDataset:
         images = torch.from_numpy(arrays).unsqueeze(1)
     else:
         images = torch.from_numpy(arrays).permute(0, 3, 1, 2).contiguous()
-    return ImageDataset(images, labels, class_names, f"folder:{path_text}")
+    relative = [p.relative_to(root).as_posix() for p in files]
+    return ImageDataset(images, labels, class_names, f"folder:{path_text}", relative)
