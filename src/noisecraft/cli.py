@@ -365,6 +365,9 @@ def cmd_viz(args) -> int:
 
     if args.what == "reverse":
         return _viz_reverse(args)
+    if args.what == "latents":
+        from .commands.vae import cmd_viz_latents
+        return cmd_viz_latents(args)
     if args.what == "schedules":
         schedules = {k: NoiseSchedule.create(k, args.T) for k in ("linear", "scaled_linear", "cosine")}
         print(f"wrote {plot_schedules(schedules, args.out or 'schedules.png')}")
@@ -591,8 +594,9 @@ def build_parser() -> argparse.ArgumentParser:
     n.set_defaults(func=cmd_interpolate)
 
     v = sub.add_parser("viz", help="pictures: the forward process, the schedules, the reverse process of a run")
-    v.add_argument("what", choices=["forward", "schedules", "reverse"])
-    v.add_argument("run", nargs="?", default=None, help="run directory (viz reverse)")
+    v.add_argument("what", choices=["forward", "schedules", "reverse", "latents"])
+    v.add_argument("run", nargs="?", default=None, help="run directory (viz reverse), or an image (viz latents)")
+    v.add_argument("--vae", default=None, help="viz latents: the autoencoder run (from noisecraft train-vae)")
     data_args(v)
     v.add_argument("--sampler", default="ddim", help="viz reverse: the sampler")
     v.add_argument("--steps", type=int, default=50, help="viz reverse: sampling steps")
@@ -609,6 +613,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--out", default=None)
     v.set_defaults(func=cmd_viz)
+
+    from .commands import clip, vae
+    vae.add_parsers(sub)
+    clip.add_parsers(sub)
     return p
 
 

@@ -95,6 +95,7 @@ class HFTextEncoder(TextEncoder):
         max_length = DEFAULT_HF_MAX_LENGTH if max_length is None else max_length
         if not isinstance(max_length, int) or max_length < 1:
             raise NoisecraftError(f"text encoder max_length must be a positive integer, got {max_length!r}.")
+        transformers.utils.logging.disable_progress_bar()   # no "Loading weights" bar in our command lines
         try:
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
             model = transformers.AutoModel.from_pretrained(str(folder), local_files_only=True)
@@ -144,13 +145,16 @@ def minilm_path() -> Path:
 
 
 def load_text_encoder(spec: str | Path, max_length: int | None = None) -> TextEncoder:
-    """A text encoder from a folder written by `TextEncoder.save`, a Hugging Face model folder, or "minilm".
+    """A text encoder from a folder written by `TextEncoder.save` (or a train-clip run holding one in
+    text_encoder/), a Hugging Face model folder, or "minilm".
 
     `max_length` overrides the stored or default L (ignored for CLIP, whose positions fix L=77).
     """
     if isinstance(spec, str) and spec.strip().lower() in ALIASES:
         return HFTextEncoder(minilm_path(), max_length=max_length)
     folder = Path(spec).expanduser()
+    if not (folder / TEXT_ENCODER_FILE).is_file() and (folder / "text_encoder" / TEXT_ENCODER_FILE).is_file():
+        folder = folder / "text_encoder"     # a whole `noisecraft train-clip` run: its text half
     own = folder / TEXT_ENCODER_FILE
     if own.is_file():
         info = load_json(own)

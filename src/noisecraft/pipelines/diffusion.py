@@ -115,7 +115,7 @@ class DiffusionPipeline:
         except RuntimeError as e:
             raise NoisecraftError(f"{path} does not match the model described in config.json "
                                   f"({str(e).splitlines()[0][:160]}); the run directory is inconsistent.") from None
-        return cls(model, config, device)
+        return cls(model, config, device, vae=vae, scaling_factor=scaling_factor, text_encoder=text_encoder)
 
     @property
     def num_classes(self) -> int:
