@@ -1,0 +1,474 @@
+"""Training the KL autoencoder of latent diffusion (Rombach et al. 2022, §3.1 and appendix G).
+
+Loss per batch, with x and x̂ in [-1, 1] and z ~ q(z|x):
+
+    L = mean |x − x̂|  (or mean (x − x̂)²)  +  kl_weight · KL(q(z|x) ‖ N(0, I)) / (C·H·W)  [+ gan_weight · L_G]
+
+The reconstruction term is a mean per pixel, and the KL (closed form, summed over each latent) is divided by the
+number of pixels C·H·W, so the two keep the ratio Stable Diffusion's loss has (there both are sums per image) and
+kl_weight means the same thing as SD's 1e-6 whatever the image size. The optional adversarial term is a small
+PatchGAN with the hinge loss (Esser et al. 2021, VQGAN), switched on after `gan_start` steps.
+
+Run directory:
+
+    config.json          {"kind": "vae", "model": VAEConfig, "train": ..., "data": ..., "scaling_factor": s, "metrics": ...}
+    model.safetensors    the autoencoder's weights
+    log.csv              step, loss, recon, kl, g_loss, d_loss, lr, images_per_s, elapsed_s
+
+After training, two numbers go into config.json: the reconstruction PSNR on the test split, and the latent scaling
+factor s = 1 / std of sampled latents of a few thousand training images (how SD's 0.18215 was found), which latent
+diffusion multiplies latents by so that they have unit variance.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import NoisecraftError
+from ..io.checkpoint import load_json, load_weights, save_json, save_weights
+from ..models.vae import AutoencoderKL, VAEConfig
+from .config import _check_number
+from .datasets import ImageDataset
+from .trainer import TrainingDiverged
+
+KIND = "vae"
+CONFIG_VERSION = 1
+DEFAULT_VAE_MINUTES = 6.0
+LOG_HEADER = ["step", "loss", "recon", "kl", "g_loss", "d_loss", "lr", "images_per_s", "elapsed_s"]
+RECON_LOSSES = ("l1", "l2")
+
+
+@dataclass
+class VAETrainConfig:
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    lr_decay: bool = True             # cosine decay to 10% of lr over the budget (steps or minutes)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    steps: int | None = None          # budget: total steps and/or minutes, whichever ends first
+    minutes: float | None = None
+    seed: int = 0
+    loss: str = "l1"                  # reconstruction loss: l1 | l2
+    kl_weight: float = 1e-6
+    gan: bool = False
+    gan_weight: float = 0.1
+    gan_start: int = 1000             # steps of plain reconstruction before the discriminator joins
+    log_every: int = 25
+    checkpoint_every: int = 500       # 0: only at the end
+    scale_images: int = 4096          # training images whose sampled latents set the scaling factor
+    eval_images: int | None = None    # test images for the PSNR (None: the whole split)
+
+    def __post_init__(self):
+        s = "vae train"
+        _check_number(s, "batch_size", self.batch_size, lo=1, integer=True)
+        _check_number(s, "lr", self.lr, lo=0)
+        _check_number(s, "warmup_steps", self.warmup_steps, lo=0, integer=True)
+        _check_number(s, "weight_decay", self.weight_decay, lo=0)
+        _check_number(s, "grad_clip", self.grad_clip, lo=0)
+        _check_number(s, "steps", self.steps, lo=1, integer=True, allow_none=True)
+        _check_number(s, "minutes", self.minutes, lo=0, allow_none=True)
+        _check_number(s, "seed", self.seed, lo=0, integer=True)
+        _check_number(s, "kl_weight", self.kl_weight, lo=0)
+        _check_number(s, "gan_weight", self.gan_weight, lo=0)
+        _check_number(s, "gan_start", self.gan_start, lo=0, integer=True)
+        for name in ("log_every", "checkpoint_every"):
+            _check_number(s, name, getattr(self, name), lo=0, integer=True)
+        _check_number(s, "scale_images", self.scale_images, lo=1, integer=True)
+        _check_number(s, "eval_images", self.eval_images, lo=1, integer=True, allow_none=True)
+        if self.loss not in RECON_LOSSES:
+            raise NoisecraftError(f"unknown reconstruction loss {self.loss!r}; choose l1 or l2.")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "VAETrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise NoisecraftError(f"unknown VAE training settings {unknown}; remove them.")
+        return cls(**data)
+
+
+# --- the discriminator ----------------------------------------------------------------------------
+
+class PatchDiscriminator(nn.Module):
+    """A small PatchGAN (Isola et al. 2017): strided 4×4 convolutions, one real/fake logit per image patch."""
+
+    def __init__(self, in_channels: int, width: int = 32, n_down: int = 2):
+        super().__init__()
+        layers, ch = [], in_channels
+        for i in range(n_down):
+            out = width * 2 ** i
+            layers += [nn.Conv2d(ch, out, 4, stride=2, padding=1), nn.GroupNorm(min(8, out), out) if i else nn.Identity(),
+                       nn.LeakyReLU(0.2)]
+            ch = out
+        layers.append(nn.Conv2d(ch, 1, 3, padding=1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def hinge_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """Discriminator hinge loss: mean max(0, 1 − D(x)) + mean max(0, 1 + D(x̂)), halved."""
+    return 0.5 * (F.relu(1.0 - real_logits).mean() + F.relu(1.0 + fake_logits).mean())
+
+
+# --- metrics and latents --------------------------------------------------------------------------
+
+def _as_uint8_images(images) -> torch.Tensor | None:
+    """The N×C×H×W tensor behind an ImageDataset, a tensor or a numpy array (uint8, or float in [-1, 1])."""
+    if isinstance(images, ImageDataset):
+        return images.images
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(images)
+    if not isinstance(images, torch.Tensor):
+        raise NoisecraftError(f"expected images as an ImageDataset, a tensor or a numpy array, got "
+                              f"{type(images).__name__}.")
+    if images.ndim == 3:
+        images = images.unsqueeze(1)              # N×H×W grey images
+    if images.ndim != 4:
+        raise NoisecraftError(f"expected images of shape N×C×H×W, got {tuple(images.shape)}.")
+    return images
+
+
+def _to_float(batch: torch.Tensor, device) -> torch.Tensor:
+    batch = batch.to(device)
+    return batch.float() / 127.5 - 1.0 if batch.dtype == torch.uint8 else batch.float()
+
+
+@torch.no_grad()
+def encode_dataset(vae: AutoencoderKL, images, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and standard deviation of q(z|x) for every image, as float32 CPU tensors N×L×h×w.
+
+    `images`: an ImageDataset, or uint8 N×C×H×W (N×H×W for grey) — float tensors are taken as already in
+    [-1, 1]. Latent diffusion caches these once and draws z = mean + std·ε per step.
+    """
+    data = _as_uint8_images(images)
+    if len(data) == 0:
+        raise NoisecraftError("encode_dataset got no images; pass at least one.")
+    device = next(vae.parameters()).device
+    was_training = vae.training
+    vae.eval()
+    means, stds = [], []
+    try:
+        for start in range(0, len(data), batch_size):
+            posterior = vae.encode(_to_float(data[start:start + batch_size], device))
+            means.append(posterior.mean.float().cpu())
+            stds.append(posterior.std.float().cpu())
+    finally:
+        vae.train(was_training)
+    return torch.cat(means), torch.cat(stds)
+
+
+@torch.no_grad()
+def reconstruction_psnr(vae: AutoencoderKL, images, batch_size: int = 500, limit: int | None = None) -> float:
+    """Mean over images of PSNR = 10·log10(1 / MSE), with x and the posterior-mean reconstruction x̂ clamped to
+    [-1, 1] and mapped to [0, 1] (so a perfect copy scores at most 100 dB)."""
+    data = _as_uint8_images(images)
+    data = data[:limit] if limit else data
+    device = next(vae.parameters()).device
+    was_training = vae.training
+    vae.eval()
+    scores = []
+    try:
+        for start in range(0, len(data), batch_size):
+            x = _to_float(data[start:start + batch_size], device)
+            recon = vae.decode(vae.encode(x).mode()).clamp(-1, 1)
+            mse = ((recon - x) / 2).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+            scores.append((-10.0 * torch.log10(mse)).cpu())
+    finally:
+        vae.train(was_training)
+    return float(torch.cat(scores).mean())
+
+
+def latent_scaling_factor(vae: AutoencoderKL, images, n: int = 4096, seed: int = 0, batch_size: int = 500) -> float:
+    """1 / std of latents z ~ q(z|x) sampled for (up to) n images — SD's 0.18215 was found this way."""
+    data = _as_uint8_images(images)
+    pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n]
+    mean, std = encode_dataset(vae, data[pick], batch_size)
+    z = mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(seed + 1))
+    spread = float(z.std())
+    if not math.isfinite(spread) or spread == 0:
+        raise NoisecraftError("the latents have no spread (std 0 or not finite), so no scaling factor can be "
+                              "computed; the autoencoder is broken — retrain it.")
+    return 1.0 / spread
+
+
+# --- the trainer ----------------------------------------------------------------------------------
+
+class VAETrainer:
+    """Trains an AutoencoderKL on an ImageDataset into a run directory; `fit()` trains, then measures."""
+
+    def __init__(self, model_config: VAEConfig, train_config: VAETrainConfig, dataset: ImageDataset,
+                 out_dir: str | Path, test_dataset: ImageDataset | None = None, device: str = "cpu",
+                 progress: bool = True):
+        self.model_config, self.config = model_config, train_config
+        self.dataset, self.test_dataset = dataset, test_dataset
+        self.out_dir = Path(out_dir)
+        self.device = torch.device(device)
+        self.progress = progress
+        torch.manual_seed(train_config.seed)          # the same initial weights for the same seed
+        self.model = AutoencoderKL(model_config).to(self.device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=train_config.lr,
+                                           weight_decay=train_config.weight_decay)
+        self.discriminator = self.d_optimizer = None
+        if train_config.gan:
+            side = min(dataset.image_shape[1:])
+            self.discriminator = PatchDiscriminator(model_config.in_channels,
+                                                    n_down=max(1, min(3, int(math.log2(max(side, 2))) - 2)))
+            self.discriminator.to(self.device)
+            # β1 = 0.5 as is usual for GANs (and SD's discriminator)
+            self.d_optimizer = torch.optim.AdamW(self.discriminator.parameters(), lr=train_config.lr,
+                                                 betas=(0.5, 0.9), weight_decay=0.0)
+        self.generator = torch.Generator("cpu").manual_seed(train_config.seed)
+        self.step = 0
+        self.saved_step = None                        # the step of the checkpoint on disk
+        self.diverged_step = None
+        self._perm_epoch, self._perm = -1, None
+        self._t0 = None
+        self._check_dataset()
+
+    def _check_dataset(self) -> None:
+        shape = tuple(self.dataset.image_shape)
+        self.model.check_input(torch.empty((1, *shape), device="meta"))
+        if len(self.dataset) < self.config.batch_size:
+            raise NoisecraftError(f"the dataset has {len(self.dataset)} images, fewer than the batch size "
+                                  f"{self.config.batch_size}; lower --batch-size.")
+        if self.test_dataset is not None and tuple(self.test_dataset.image_shape) != shape:
+            raise NoisecraftError(f"test images have shape {tuple(self.test_dataset.image_shape)} but training "
+                                  f"images {shape}; load both splits with the same --image-size.")
+
+    def batch_indices(self, step: int) -> torch.Tensor:
+        """Consecutive slices of a per-epoch permutation (drop last), as in the diffusion Trainer."""
+        bs = self.config.batch_size
+        epoch, i = divmod(step, len(self.dataset) // bs)
+        if epoch != self._perm_epoch:
+            g = torch.Generator("cpu").manual_seed(self.config.seed * 1000003 + epoch)
+            self._perm, self._perm_epoch = torch.randperm(len(self.dataset), generator=g), epoch
+        return self._perm[i * bs:(i + 1) * bs]
+
+    # --- one step ---------------------------------------------------------------------------
+
+    def _elapsed(self) -> float:
+        return 0.0 if self._t0 is None else time.perf_counter() - self._t0
+
+    def budget_fraction(self) -> float:
+        """How much of the budget is spent: the larger of steps done/steps and minutes used/minutes."""
+        cfg, done = self.config, 0.0
+        if cfg.steps:
+            done = self.step / cfg.steps
+        if cfg.minutes:
+            done = max(done, self._elapsed() / (cfg.minutes * 60.0))
+        return min(done, 1.0)
+
+    def lr_now(self) -> float:
+        cfg = self.config
+        if cfg.warmup_steps and self.step < cfg.warmup_steps:
+            return cfg.lr * (self.step + 1) / cfg.warmup_steps
+        if not cfg.lr_decay:
+            return cfg.lr
+        # Cosine from lr down to lr/10 over the budget; with a minutes budget it follows the clock.
+        return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * self.budget_fraction())))
+
+    def losses(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The terms of the autoencoder's loss for a batch x in [-1, 1] (see the module docstring)."""
+        cfg = self.config
+        recon, posterior = self.model(x, generator=self.generator)
+        diff = recon - x
+        rec = diff.abs().mean() if cfg.loss == "l1" else diff.pow(2).mean()
+        kl = posterior.kl().mean() / x[0].numel()           # per pixel, so kl_weight is size-free
+        out = {"recon": rec, "kl": kl, "loss": rec + cfg.kl_weight * kl, "fake": recon}
+        if self.discriminator is not None and self.step >= cfg.gan_start:
+            out["g_loss"] = -self.discriminator(recon).mean()
+            out["loss"] = out["loss"] + cfg.gan_weight * out["g_loss"]
+        return out
+
+    def train_step(self) -> dict[str, float]:
+        cfg = self.config
+        x, _ = self.dataset.batch(self.batch_indices(self.step))
+        x = x.to(self.device)
+        self.model.train()
+        terms = self.losses(x)
+        loss = terms["loss"]
+        if not torch.isfinite(loss):
+            self.diverged_step = self.step + 1
+            raise TrainingDiverged(f"the autoencoder's loss became {loss.item()} at step {self.step + 1}")
+        lr = self.lr_now()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.discriminator is not None:
+            self.discriminator.requires_grad_(False)     # the generator step must not train D
+        loss.backward()
+        if cfg.grad_clip:
+            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        row = {"loss": loss.item(), "recon": terms["recon"].item(), "kl": terms["kl"].item(),
+               "g_loss": terms["g_loss"].item() if "g_loss" in terms else 0.0, "d_loss": 0.0, "lr": lr}
+        if "g_loss" in terms:
+            row["d_loss"] = self._discriminator_step(x, terms["fake"].detach(), lr)
+        self.step += 1
+        return row
+
+    def _discriminator_step(self, real: torch.Tensor, fake: torch.Tensor, lr: float) -> float:
+        self.discriminator.requires_grad_(True)
+        for group in self.d_optimizer.param_groups:
+            group["lr"] = lr
+        d_loss = hinge_d_loss(self.discriminator(real), self.discriminator(fake))
+        self.d_optimizer.zero_grad(set_to_none=True)
+        d_loss.backward()
+        if self.config.grad_clip:
+            nn.utils.clip_grad_norm_(self.discriminator.parameters(), self.config.grad_clip)
+        self.d_optimizer.step()
+        return d_loss.item()
+
+    # --- files ------------------------------------------------------------------------------
+
+    def run_config(self, scaling_factor: float | None = None, metrics: dict | None = None) -> dict:
+        c, h, w = self.dataset.image_shape
+        return {
+            "kind": KIND,
+            "version": CONFIG_VERSION,
+            "model": self.model_config.to_dict(),
+            "train": asdict(self.config),
+            "data": {"dataset": self.dataset.name, "image_shape": [c, h, w]},
+            "scaling_factor": scaling_factor,
+            "metrics": metrics or {"step": self.step, "complete": False},
+        }
+
+    def save_checkpoint(self, scaling_factor: float | None = None, metrics: dict | None = None) -> None:
+        """Weights first, then config.json (each written atomically): a config never names missing weights."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        save_weights(self.model.state_dict(), self.out_dir / "model.safetensors",
+                     metadata={"step": str(self.step), "kind": KIND})
+        save_json(self.run_config(scaling_factor, metrics), self.out_dir / "config.json")
+        self.saved_step = self.step
+
+    def _log(self, row: list) -> None:
+        path = self.out_dir / "log.csv"
+        new = not path.exists()
+        with open(path, "a", newline="") as f:
+            w = csv.writer(f)
+            if new:
+                w.writerow(LOG_HEADER)
+            w.writerow(row)
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    def fit(self) -> dict:
+        """Train until the budget ends, then write the final weights with PSNR and scaling factor.
+
+        A non-finite loss stops training: the last checkpoint on disk (if any) is kept and finished (its PSNR
+        and scaling factor computed), and TrainingDiverged names the step.
+        """
+        cfg = self.config
+        if cfg.steps is None and cfg.minutes is None:
+            raise NoisecraftError("give a training budget: --steps N or --minutes M.")
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "log.csv").unlink(missing_ok=True)
+        deadline = None if cfg.minutes is None else cfg.minutes * 60.0
+        self._t0 = time.perf_counter()
+        bar = tqdm(total=cfg.steps, disable=not self.progress, unit="step", dynamic_ncols=True, desc="vae")
+        window, window_t0, window_step, last = [], time.perf_counter(), 0, {}
+        try:
+            while (cfg.steps is None or self.step < cfg.steps) and (deadline is None or self._elapsed() < deadline):
+                last = self.train_step()
+                window.append(last)
+                bar.update(1)
+                if cfg.log_every and self.step % cfg.log_every == 0:
+                    now = time.perf_counter()
+                    ips = (self.step - window_step) * cfg.batch_size / max(now - window_t0, 1e-9)
+                    avg = {k: sum(r[k] for r in window) / len(window) for k in ("loss", "recon", "kl", "g_loss", "d_loss")}
+                    self._log([self.step, *(f"{avg[k]:.6g}" for k in ("loss", "recon", "kl", "g_loss", "d_loss")),
+                               f"{last['lr']:.3g}", f"{ips:.1f}", f"{self._elapsed():.1f}"])
+                    bar.set_postfix(recon=f"{avg['recon']:.4f}", kl=f"{avg['kl']:.3g}", img_s=f"{ips:.0f}")
+                    window, window_t0, window_step = [], now, self.step
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                    self.save_checkpoint()
+        except TrainingDiverged as e:
+            bar.close()
+            self._diverged(str(e))
+        except KeyboardInterrupt:
+            bar.write("interrupted: measuring and saving the autoencoder as it is")
+        finally:
+            bar.close()
+        seconds = self._elapsed()
+        summary = {"steps": self.step, "loss": last.get("loss", float("nan")), "recon": last.get("recon", float("nan")),
+                   "seconds": round(seconds, 1), "images_per_s": self.step * cfg.batch_size / max(seconds, 1e-9)}
+        metrics = self.finish(summary)
+        return {**summary, **metrics}
+
+    def _diverged(self, what: str):
+        if self.saved_step is None:
+            raise TrainingDiverged(f"{what}, before any checkpoint was written; retrain with a lower --lr "
+                                   f"(or --kl-weight).") from None
+        self.model.load_state_dict(load_weights(self.out_dir / "model.safetensors"))
+        step = self.saved_step
+        self.step = step
+        self.finish({"steps": step, "diverged_at_step": self.diverged_step})
+        raise TrainingDiverged(f"{what}; {self.out_dir} keeps the last good checkpoint (step {step}, now with its "
+                               f"PSNR and scaling factor) — retrain with a lower --lr.") from None
+
+    def finish(self, summary: dict) -> dict:
+        """Measure the reconstruction PSNR and the latent scaling factor, and write the final run directory."""
+        cfg = self.config
+        split, images = ("test", self.test_dataset) if self.test_dataset is not None else ("train", self.dataset)
+        limit = cfg.eval_images if self.test_dataset is not None else min(cfg.eval_images or 1000, 1000)
+        if self.progress:
+            n = min(len(images), limit or len(images))
+            print(f"measuring the reconstruction PSNR on {n} {split} images and the latent scaling factor ...")
+        psnr = reconstruction_psnr(self.model, images, limit=limit)
+        scale = latent_scaling_factor(self.model, self.dataset, n=cfg.scale_images, seed=cfg.seed)
+        metrics = {"psnr": round(psnr, 3), "psnr_split": split, "psnr_images": min(len(images), limit or len(images)),
+                   "scaling_factor": scale, "complete": True}
+        metrics.update({k: v for k, v in summary.items() if k in ("steps", "seconds", "diverged_at_step")})
+        self.save_checkpoint(scaling_factor=scale, metrics=metrics)
+        return metrics
+
+
+def train_vae(model_config: VAEConfig, train_config: VAETrainConfig, dataset: ImageDataset, out_dir,
+              test_dataset: ImageDataset | None = None, device: str = "cpu", progress: bool = True) -> dict:
+    """Train an autoencoder into out_dir; returns the summary with "psnr" and "scaling_factor"."""
+    return VAETrainer(model_config, train_config, dataset, out_dir, test_dataset, device, progress).fit()
+
+
+# --- loading --------------------------------------------------------------------------------------
+
+def load_vae(run_dir: str | Path, device: str = "cpu") -> tuple[AutoencoderKL, float, dict]:
+    """(autoencoder in eval mode, latent scaling factor, config dict) from a `noisecraft train-vae` run."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise NoisecraftError(f"{run_dir} is not an autoencoder run directory (no config.json); pass the folder "
+                              f"given to `noisecraft train-vae --out`.")
+    config = load_json(run_dir / "config.json")
+    if not isinstance(config, dict) or config.get("kind") != KIND:
+        kind = config.get("kind", "a diffusion model") if isinstance(config, dict) else "not a run"
+        raise NoisecraftError(f"{run_dir} holds {kind}, not an autoencoder; pass a run made by "
+                              f"`noisecraft train-vae`.")
+    if "model" not in config:
+        raise NoisecraftError(f"{run_dir / 'config.json'} has no 'model' section; restore it or retrain the autoencoder.")
+    try:
+        model_config = VAEConfig.from_dict(config["model"])
+    except TypeError as e:
+        raise NoisecraftError(f"the model section of {run_dir / 'config.json'} is invalid ({e}).") from None
+    scale = config.get("scaling_factor")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise NoisecraftError(f"{run_dir} has no valid latent scaling factor (got {scale!r}): its training did not "
+                              f"finish; train it again with `noisecraft train-vae`.")
+    model = AutoencoderKL(model_config)
+    try:
+        model.load_state_dict(load_weights(run_dir / "model.safetensors"))
+    except RuntimeError as e:
+        raise NoisecraftError(f"the weights in {run_dir / 'model.safetensors'} do not fit the autoencoder in "
+                              f"config.json ({str(e)[:200]}); the run directory is inconsistent.") from None
+    return model.to(device).eval(), float(scale), config
