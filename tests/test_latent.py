@@ -150,3 +150,26 @@ def test_pixel_model_conditioned_on_a_pretrained_hf_encoder(tmp_path):
     pipe = DiffusionPipeline.from_run(run)
     assert pipe.config.text.dim == 384
     assert pipe.sample(1, prompt=SEVEN, steps=2).images.shape == (1, 1, 16, 16)
+
+
+def test_reverse_process_pictures_of_a_latent_run_are_decoded(runs, tmp_path):
+    strip, gif = tmp_path / "reverse.png", tmp_path / "denoise.gif"
+    assert main(["viz", "reverse", str(runs / "ldm"), "--prompt", SEVEN, "--steps", "4", "--n", "2",
+                 "--out", str(strip), "--gif", str(gif)]) == 0
+    assert strip.stat().st_size > 0 and gif.stat().st_size > 0
+    result = DiffusionPipeline.from_run(runs / "ldm").sample(1, prompt=SEVEN, steps=4, save_every=2)
+    assert result.trajectory[0]["preview"].shape == (1, 1, 16, 16)      # decoded x_t
+    assert result.trajectory[0]["denoised"].shape == (1, 1, 16, 16)     # decoded x̂0
+    assert result.trajectory[0]["x_latent"].shape == (1, 4, 8, 8)
+
+
+
+def test_class_conditional_latent_model(runs, tmp_path):
+    run = tmp_path / "class-ldm"
+    assert main(["train", "--dataset", "digits", "--latent", str(runs / "vae"), "--conditional", "--out", str(run),
+                 "--steps", "2", "--base-channels", "16", "--batch-size", "16", "--sample-every", "2"]) == 0
+    assert (run / "samples" / "step_0000002.png").is_file()
+    pipe = DiffusionPipeline.from_run(run)
+    assert pipe.config.model.num_classes == 10 and pipe.config.latent is not None
+    images = pipe.sample(2, label=3, guidance=2.0, steps=2).images
+    assert images.shape == (2, 1, 16, 16)

@@ -243,12 +243,15 @@ def cmd_train(args) -> int:
 
 
 def _trajectory_frames(trajectory, limit=16):
-    """x_t (shown on the data scale, x·sqrt(ᾱ)) and x̂0 for each saved step, first `limit` images."""
+    """x_t (shown on the data scale, x·sqrt(ᾱ); decoded, for latent runs) and x̂0 for each saved step, first
+    `limit` images."""
     frames, denoised, captions = [], [], []
     total = trajectory[-1]["i"] + 1 if trajectory else 0
     for info in trajectory:
         scale = (1.0 + info["sigma"] ** 2) ** -0.5
-        frames.append((info["x"][:limit] * scale).clamp(-1, 1))
+        # latent runs: the pipeline has already decoded x_t (on the VP scale) into a "preview" image
+        shown = info["preview"] if "preview" in info else info["x"] * scale
+        frames.append(shown[:limit].clamp(-1, 1))
         denoised.append(info["denoised"][:limit].clamp(-1, 1))
         captions.append(f"step {info['i'] + 1}/{total}  sigma={info['sigma']:.2f}")
     return frames, denoised, captions
@@ -396,7 +399,7 @@ def _viz_reverse(args) -> int:
     pipe = DiffusionPipeline.from_run(args.run, device=args.device)
     save_every = args.save_every or max(1, args.steps // 10)
     result = pipe.sample(args.n, sampler=args.sampler, steps=args.steps, seed=args.seed, label=args.label,
-                         save_every=save_every)
+                         prompt=args.prompt, guidance=args.guidance, save_every=save_every)
     written = reverse_pictures(result.trajectory, args.out or "reverse.png", args.gif)
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
@@ -605,6 +608,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--gif", default=None, help="viz reverse: also a GIF of x_t")
     v.add_argument("--n", type=int, default=16, help="viz reverse: samples in the GIF (the strip shows the first)")
     v.add_argument("--label", type=int, default=None, help="viz reverse: class (conditional runs)")
+    v.add_argument("--prompt", default=None, help="viz reverse: prompt (text-conditional runs)")
+    v.add_argument("--guidance", type=float, default=1.0, help="viz reverse: classifier-free guidance scale")
     v.add_argument("--device", default="cpu")
     v.add_argument("--index", type=int, default=0, help="viz forward: which dataset image")
     v.add_argument("--t", type=int, nargs="+", default=None, help="viz forward: timesteps to show (default 0 50 ... 999)")

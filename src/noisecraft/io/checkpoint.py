@@ -24,6 +24,15 @@ from safetensors.torch import save as st_save
 from ..errors import NoisecraftError
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp)` on a temporary file beside `path`, fsync it, then rename it over `path`.
 
@@ -38,6 +47,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         write(Path(tmp))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)     # mkstemp makes 0600 files; give them the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -22,7 +22,6 @@ Zero-shot accuracy (CLIP §3.1.2): a test image is classified as the class whose
 
 from __future__ import annotations
 
-import csv
 import math
 import shutil
 import time
@@ -33,6 +32,7 @@ from tqdm.auto import tqdm
 
 from ..errors import NoisecraftError
 from ..io.checkpoint import load_json, load_weights, replace_dir, save_json, save_weights
+from ..io.csv_log import append_row
 from ..models.clip import CLIPModel, CLIPTextConfig, CLIPTextEncoder, contrastive_loss
 from ..models.tokenizer import CLIPTokenizer
 from .captions import Captions, class_prompts
@@ -200,12 +200,7 @@ def _check_arguments(dataset, captions, minutes, steps, batch_size, lr, warmup_s
 
 
 def _log(path: Path, row: list) -> None:
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        writer = csv.writer(f)
-        if new:
-            writer.writerow(LOG_HEADER)
-        writer.writerow(row)
+    append_row(path, LOG_HEADER, row)
 
 
 def _prompts_for(dataset: ImageDataset) -> list[str] | None:

@@ -16,7 +16,6 @@ the noise, t and label dropout come from one generator whose state is checkpoint
 
 from __future__ import annotations
 
-import csv
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -27,6 +26,7 @@ from tqdm.auto import tqdm
 from ..errors import NoisecraftError
 from ..io.checkpoint import (existing_state_dir, load_json, load_torch, load_weights, replace_dir, save_json,
                              save_torch, save_weights)
+from ..io.csv_log import append_row
 from ..losses import diffusion_loss
 from ..models.unet import UNet
 from ..schedule import NoiseSchedule
@@ -170,13 +170,7 @@ class Trainer:
         return time.perf_counter() - self._t0 if hasattr(self, "_t0") else 0.0
 
     def _log(self, row: list) -> None:
-        path = self.out_dir / "log.csv"
-        new = not path.exists()
-        with open(path, "a", newline="") as f:
-            w = csv.writer(f)
-            if new:
-                w.writerow(LOG_HEADER)
-            w.writerow(row)
+        append_row(self.out_dir / "log.csv", LOG_HEADER, row)
 
     def fit(self, sample_fn=None) -> dict:
         """Train until `train.steps` total steps or `train.minutes` of this invocation, whichever first.

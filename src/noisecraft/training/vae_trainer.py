@@ -22,7 +22,6 @@ diffusion multiplies latents by so that they have unit variance.
 
 from __future__ import annotations
 
-import csv
 import math
 import time
 from dataclasses import asdict, dataclass, fields
@@ -36,6 +35,7 @@ from tqdm.auto import tqdm
 
 from ..errors import NoisecraftError
 from ..io.checkpoint import load_json, load_weights, save_json, save_weights
+from ..io.csv_log import append_row
 from ..models.vae import AutoencoderKL, VAEConfig
 from .config import _check_number
 from .datasets import ImageDataset
@@ -355,13 +355,7 @@ class VAETrainer:
         self.saved_step = self.step
 
     def _log(self, row: list) -> None:
-        path = self.out_dir / "log.csv"
-        new = not path.exists()
-        with open(path, "a", newline="") as f:
-            w = csv.writer(f)
-            if new:
-                w.writerow(LOG_HEADER)
-            w.writerow(row)
+        append_row(self.out_dir / "log.csv", LOG_HEADER, row)
 
     # --- the loop ---------------------------------------------------------------------------
 
