@@ -67,12 +67,8 @@ class TrainingBatches:
     """One training batch: batch(indices, generator, drop) -> (x0, cond). Random draws (latent noise, caption
     choice, dropout) come only from `generator`, so a checkpointed generator state makes resume exact."""
 
-    def __init__(self, images, condition=None, size: int | None = None):
+    def __init__(self, images, condition=None):
         self.images, self.condition = images, condition
-        self.size = size
-
-    def __len__(self) -> int:
-        return self.size
 
     def batch(self, indices: torch.Tensor, generator: torch.Generator, drop: float):
         x0 = self.images(indices, generator)

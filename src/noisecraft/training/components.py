@@ -131,4 +131,4 @@ def latent_text_batches(config: RunConfig, dataset, run_dir: str | Path) -> Trai
         condition = ClassLabels(dataset.labels, config.model.num_classes)
     else:
         condition = None
-    return TrainingBatches(images, condition, len(dataset))
+    return TrainingBatches(images, condition)

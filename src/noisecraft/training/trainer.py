@@ -232,7 +232,7 @@ def build_batches(config: RunConfig, dataset: ImageDataset, run_dir: str | Path)
         from .components import latent_text_batches
         return latent_text_batches(config, dataset, run_dir)
     condition = ClassLabels(dataset.labels, config.model.num_classes) if config.data.conditional else None
-    return TrainingBatches(PixelImages(dataset), condition, len(dataset))
+    return TrainingBatches(PixelImages(dataset), condition)
 
 
 def load_run_config(run_dir: str | Path) -> RunConfig:
