@@ -24,7 +24,7 @@ above 49407. A row with no end-of-text token at all (hand-made ids) is pooled at
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import NoisecraftError
+from ..settings import settings_from_dict
 from ..io.checkpoint import load_json, load_weights, save_json, save_weights
 from .text_encoders import TEXT_ENCODER_FILE, TextEncoder, _check_prompts
 from .tokenizer import CLIPTokenizer
@@ -82,14 +83,7 @@ class CLIPTextConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "CLIPTextConfig":
-        if not isinstance(data, dict):
-            raise NoisecraftError(f"a CLIP text config must be a JSON object, got {type(data).__name__}.")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise NoisecraftError(f"unknown CLIP text settings {unknown} in config; remove them "
-                                  f"(known: {sorted(known)}).")
-        return cls(**data)
+        return settings_from_dict(cls, data, "CLIP text")
 
     def to_dict(self) -> dict:
         return asdict(self)

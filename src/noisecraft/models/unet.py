@@ -14,13 +14,14 @@ image features to the text embeddings τ(y), then a feed-forward layer (models/t
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import NoisecraftError
+from ..settings import settings_from_dict
 from .attention import SelfAttention2d
 from .embeddings import LabelEmbedding, TimeEmbedding
 from .transformer import SpatialTransformer
@@ -77,11 +78,7 @@ class UNetConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "UNetConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise NoisecraftError(f"unknown model settings {unknown} in config; remove them (known: {sorted(known)}).")
-        return cls(**data)
+        return settings_from_dict(cls, data, "model")
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -13,13 +13,14 @@ gives a 7×7 latent.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import NoisecraftError
+from ..settings import settings_from_dict
 
 NORM_EPS = 1e-6                    # GroupNorm epsilon of Stable Diffusion's autoencoder
 LOGVAR_RANGE = (-30.0, 20.0)       # log σ² is clamped here, as in SD, so exp() never overflows
@@ -57,13 +58,7 @@ class VAEConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "VAEConfig":
-        if not isinstance(data, dict):
-            raise NoisecraftError(f"the VAE model settings must be a JSON object, got {type(data).__name__}.")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise NoisecraftError(f"unknown VAE settings {unknown} in config; remove them (known: {sorted(known)}).")
-        return cls(**data)
+        return settings_from_dict(cls, data, "VAE")
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import NoisecraftError
+from ..settings import settings_from_dict
 from ..io.checkpoint import load_json, load_weights, save_json, save_weights
 from ..io.csv_log import append_row
 from ..models.vae import AutoencoderKL, VAEConfig
@@ -91,11 +92,7 @@ class VAETrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "VAETrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise NoisecraftError(f"unknown VAE training settings {unknown}; remove them.")
-        return cls(**data)
+        return settings_from_dict(cls, data, "VAE training")
 
 
 # --- the discriminator ----------------------------------------------------------------------------
