@@ -132,12 +132,16 @@ def test_dataset_checks(few_digits, tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
-def test_image_size_the_model_cannot_take_is_refused_before_training(tmp_path):
+def test_odd_image_sizes_train_and_wrong_channels_are_refused_before_training(tmp_path):
+    # 30×30 halves to 15 and then 8: the up path upsamples to each skip's size, as diffusers' U-Net does.
     data = load_dataset("digits", split="test", image_size=30)
     config = make_config(steps=2)
     config.model = UNetConfig(**{**config.model.to_dict(), "channel_mults": (1, 2, 2), "attention_levels": (2,)})
     config.data.image_shape = (1, 30, 30)
-    with pytest.raises(NoisecraftError, match="30×30 is not divisible by 4"):
+    quiet(config, data, tmp_path / "odd").fit()
+    assert (tmp_path / "odd" / "model.safetensors").is_file()
+    config.model = UNetConfig(**{**config.model.to_dict(), "in_channels": 3})
+    with pytest.raises(NoisecraftError, match="N×3×H×W"):
         quiet(config, data, tmp_path / "run")
     assert not (tmp_path / "run").exists()
 

@@ -13,6 +13,8 @@
     noisecraft interpolate RUN --seeds 0 1 --n 8 --grid path.png
     noisecraft viz forward|schedules ...
     noisecraft viz reverse RUN --save-every 5 --out strip.png --gif denoise.gif
+    noisecraft txt2img --model sd-v1-5/ "an astronaut riding a horse" --grid astronaut.png
+    noisecraft convert sd-v1-5.safetensors sd-v1-5-diffusers/
     noisecraft viz latents IMAGE --vae runs/vae --out latents.png
 
 Errors a user can cause print one line ("noisecraft: error: ...") and exit with status 2.
@@ -257,12 +259,81 @@ def _trajectory_frames(trajectory, limit=16):
     return frames, denoised, captions
 
 
+def _load_pipeline(args):
+    """The run, diffusers folder or SD single file named by RUN or --model, with the memory options applied and
+    the model's own defaults filled in for the sampling flags the user left out."""
+    from .pipelines.stable_diffusion import load_pipeline
+    path = getattr(args, "model", None) or args.run
+    if path is None:
+        raise NoisecraftError("say which model to use: a run directory, or --model PATH (a Stable Diffusion "
+                              "diffusers folder or .safetensors/.ckpt file).")
+    if getattr(args, "model", None) and args.run:
+        raise NoisecraftError(f"give the model once: either RUN ({args.run}) or --model ({args.model}).")
+    pipe = load_pipeline(path, device=args.device, dtype=getattr(args, "dtype", None),
+                         config=getattr(args, "model_config", None))
+    if getattr(args, "attention_slicing", None):
+        pipe.enable_attention_slicing(args.attention_slicing)
+    if getattr(args, "vae_tiling", False):
+        pipe.enable_vae_tiling()
+    for name, value in pipe.defaults.items():
+        if getattr(args, name, "absent") is None:
+            setattr(args, name, value)
+    return pipe
+
+
+def _size_options(args) -> dict:
+    return {k: getattr(args, k) for k in ("height", "width") if getattr(args, k, None) is not None}
+
+
+def _mixed_prompt(pipe, args):
+    """--mix-prompt B [--mix w] [--mix-tokens i j ...]: the prompt's embeddings blended with B's."""
+    if getattr(args, "mix_prompt", None) is None:
+        return None
+    if args.prompt is None:
+        raise NoisecraftError("--mix-prompt blends a second prompt into the first; give the first one too.")
+    return pipe.mix_prompts(args.prompt, args.mix_prompt, args.mix, args.mix_tokens)
+
+
+def _write_steps(result, args) -> list:
+    """--save-every k: each kept step as a PNG (top row: x_t decoded, bottom row: the predicted x̂0)."""
+    import torch
+
+    from .viz.images import save_grid
+    if not args.save_every or not result.trajectory:
+        return []
+    base = Path(args.grid or args.out or args.gif)
+    folder = Path(args.steps_dir) if getattr(args, "steps_dir", None) else base.with_name(base.stem + "_steps")
+    written = []
+    for info in result.trajectory:
+        shown = info.get("preview", info["x"])[:8].clamp(-1, 1)
+        pair = torch.cat([shown, info["denoised"][:8].clamp(-1, 1)])
+        written.append(save_grid(pair, folder / f"step_{info['i'] + 1:03d}.png", nrow=len(shown)))
+    return [folder] if written else []
+
+
+def _report_memory(memory) -> str:
+    from .memory import format_bytes
+    return f"; peak memory {format_bytes(memory.peak_total_bytes)} ({memory.method})"
+
+
 def cmd_sample(args) -> int:
-    from .pipelines.diffusion import DiffusionPipeline
+    from .memory import PeakMemory
 
     _need_output(args)
-    pipe = DiffusionPipeline.from_run(args.run, device=args.device)
-    options = {**_sampler_options(args), **_control_options(args)}
+    with PeakMemory(args.device) as memory:
+        pipe = _load_pipeline(args)
+        result, seconds = _draw(pipe, args)
+    written = _write_results(result, args) + _write_steps(result, args)
+    print(f"{args.n} samples in {seconds:.1f} s ({seconds / args.n * 1000:.1f} ms/image); wrote "
+          + ", ".join(str(p) for p in written) + _report_memory(memory))
+    return 0
+
+
+def _draw(pipe, args):
+    options = {**_sampler_options(args), **_control_options(args), **_size_options(args)}
+    mixed = _mixed_prompt(pipe, args)
+    if mixed is not None:
+        options["prompt"] = mixed
     save_every = args.save_every or (max(1, args.steps // 25) if args.gif else 0)
     progress, close = _progress(args.n, f"{args.sampler}-{args.steps}")
     t0 = time.perf_counter()
@@ -271,11 +342,7 @@ def cmd_sample(args) -> int:
                              batch_size=args.batch_size, spacing=args.spacing, progress=progress, **options)
     finally:
         close()
-    seconds = time.perf_counter() - t0
-    written = _write_results(result, args)
-    print(f"{args.n} samples in {seconds:.1f} s ({seconds / args.n * 1000:.1f} ms/image); wrote "
-          + ", ".join(str(p) for p in written))
-    return 0
+    return result, time.perf_counter() - t0
 
 
 def cmd_txt2img(args) -> int:
@@ -287,13 +354,16 @@ def cmd_txt2img(args) -> int:
 def _edit(args, job: str) -> int:
     """img2img and inpaint: read --input (and --mask), edit, write."""
     from .io.images import load_images, load_mask
-    from .pipelines.diffusion import DiffusionPipeline
 
     _need_output(args)
-    pipe = DiffusionPipeline.from_run(args.run, device=args.device)
-    channels, height, width = pipe.config.data.image_shape
+    pipe = _load_pipeline(args)
+    channels, height, width = pipe.image_shape
+    height, width = args.height or height, args.width or width
     images = load_images(args.input, channels, (height, width))
     options = {**_sampler_options(args), **_control_options(args)}
+    mixed = _mixed_prompt(pipe, args)
+    if mixed is not None:
+        options["prompt"] = mixed
     n = args.n if args.n is not None else images.shape[0]
     save_every = args.save_every or (max(1, args.steps // 25) if args.gif else 0)
     progress, close = _progress(n, f"{job} {args.sampler}-{args.steps}")
@@ -304,11 +374,13 @@ def _edit(args, job: str) -> int:
         if job == "img2img":
             result = pipe.img2img(images, args.strength, **common)
         else:
+            if args.strength is not None:
+                common["strength"] = args.strength
             result = pipe.inpaint(images, load_mask(args.mask, (height, width)), **common)
     finally:
         close()
     seconds = time.perf_counter() - t0
-    written = _write_results(result, args)
+    written = _write_results(result, args) + _write_steps(result, args)
     print(f"{job}: {len(result.images)} images in {seconds:.1f} s; wrote " + ", ".join(str(p) for p in written))
     return 0
 
@@ -322,10 +394,8 @@ def cmd_inpaint(args) -> int:
 
 
 def cmd_interpolate(args) -> int:
-    from .pipelines.diffusion import DiffusionPipeline
-
     _need_output(args)
-    pipe = DiffusionPipeline.from_run(args.run, device=args.device)
+    pipe = _load_pipeline(args)
     if args.labels and len(args.labels) > 2:
         raise NoisecraftError(f"--labels takes one class or two (start and end), got {len(args.labels)}.")
     label, label_b = (args.labels + [None])[:2] if args.labels else (None, None)
@@ -520,13 +590,31 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     def sampling_args(q, outputs=True):
-        q.add_argument("run", help="run directory written by noisecraft train")
+        q.add_argument("run", nargs="?", default=None, help="run directory written by noisecraft train")
+        q.add_argument("--model", default=None, metavar="PATH",
+                       help="instead of RUN: a Stable Diffusion 1.x diffusers folder or .safetensors/.ckpt file "
+                            "(or a run directory)")
+        q.add_argument("--model-config", default=None, metavar="FOLDER",
+                       help="with a single-file --model: take its configuration from this diffusers folder")
+        q.add_argument("--height", type=int, default=None, help="image height (a multiple of the VAE factor, 8 for SD)")
+        q.add_argument("--width", type=int, default=None, help="image width")
+        q.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 for the U-Net and text encoder")
+        q.add_argument("--attention-slicing", type=int, default=None, metavar="N",
+                       help="compute attention N query positions at a time (less memory)")
+        q.add_argument("--vae-tiling", action="store_true", help="decode through overlapping tiles (large images)")
+        q.add_argument("--mix-prompt", default=None, help="text models: blend this prompt's embeddings into --prompt")
+        q.add_argument("--mix", type=float, default=0.5, help="weight of --mix-prompt (0: prompt only, 1: it only)")
+        q.add_argument("--mix-tokens", type=int, nargs="+", default=None, metavar="I",
+                       help="blend only these token positions (1 = the first word; default: all)")
+        q.add_argument("--steps-dir", default=None,
+                       help="with --save-every: folder for the decoded steps (default: next to --grid/--out)")
         q.add_argument("--sampler", default="ddim",
                        help="ddpm | ddim | plms | lms | euler | euler_ancestral | heun | dpmpp_2m | dpmpp_2m_sde | "
                             "langevin | pc, or a known alias: 'Euler a', 'DPM++ 2M', 'DPM++ 2M Karras' (any name + "
                             "' Karras')")
         q.add_argument("--steps", type=int, default=50)
-        q.add_argument("--spacing", default="leading", help="leading | trailing | linspace")
+        q.add_argument("--spacing", default=None, help="leading | trailing | linspace (default: the model's; "
+                                                        "leading, or linspace for Stable Diffusion)")
         q.add_argument("--karras", action="store_true", help="Karras et al. (EDM) sigma spacing instead of --spacing")
         q.add_argument("--eta", type=float, default=None,
                        help="noise of ddim, euler_ancestral, dpmpp_2m_sde (0: deterministic)")
@@ -540,7 +628,8 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--grid", default=None, help="PNG grid of the first --grid-n images")
         q.add_argument("--grid-n", type=int, default=64)
         q.add_argument("--gif", default=None, help="GIF of the denoising process (first 16 images)")
-        q.add_argument("--save-every", type=int, default=0, help="keep x_t and x0_hat every k steps")
+        q.add_argument("--save-every", type=int, default=0,
+                       help="keep x_t and x0_hat every k steps; written (decoded) as PNGs into --steps-dir")
         q.add_argument("--device", default="cpu")
         if outputs:
             q.add_argument("--seed", type=int, default=0)
@@ -570,7 +659,9 @@ def build_parser() -> argparse.ArgumentParser:
     sampling_args(x)
     x.add_argument("text", metavar="PROMPT", help='what to draw, e.g. "a pair of trousers"')
     x.add_argument("--n", type=int, default=16)
-    x.set_defaults(func=cmd_txt2img, sampler="ddpm", steps=30, guidance=4.0)
+    # Sampler, steps and guidance: the model's own defaults (30 DDPM steps at guidance 4 for our runs; LMS, 50
+    # steps, guidance 7.5 for Stable Diffusion), unless given.
+    x.set_defaults(func=cmd_txt2img, sampler=None, steps=None, guidance=None)
 
     e = sub.add_parser("img2img", help="edit images (SDEdit): noise them to --strength and denoise")
     sampling_args(e)
@@ -584,6 +675,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--input", required=True, help="an image file, or an .npz with 'images' N×H×W×C uint8")
     i.add_argument("--mask", required=True, help="black-and-white image: white = generate, black = keep")
     i.add_argument("--n", type=int, default=None, help="outputs (default: one per input image)")
+    i.add_argument("--strength", type=float, default=None,
+                   help="inpainting U-Nets (SD's 9-channel model): start from the image noised to this level "
+                        "(default 1: pure noise)")
     i.set_defaults(func=cmd_inpaint)
 
     n = sub.add_parser("interpolate", help="a path between two seeds (slerp of the starting noise)")
@@ -619,9 +713,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--out", default=None)
     v.set_defaults(func=cmd_viz)
 
-    from .commands import clip, vae
+    from .commands import clip, sd, vae
     vae.add_parsers(sub)
     clip.add_parsers(sub)
+    sd.add_parsers(sub)
     return p
 
 

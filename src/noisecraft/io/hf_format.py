@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import NoisecraftError
-from .checkpoint import load_json, load_torch, load_weights
+from .checkpoint import load_json, load_torch, load_weights, save_json, save_weights
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors",
                 "diffusion_pytorch_model.bin", "pytorch_model.bin")
@@ -66,29 +66,58 @@ def _require(config: dict, keys: tuple[str, ...], folder) -> None:
         raise NoisecraftError(f"{folder}/config.json lacks {', '.join(absent)}; it is not the expected component.")
 
 
-def load_diffusers_vae(folder: str | Path):
-    """(AutoencoderKL, scaling_factor) from a diffusers AutoencoderKL folder (SD's vae/: scaling 0.18215)."""
+def vae_from_diffusers(config: dict, weights: dict[str, torch.Tensor], source="the VAE"):
+    """(AutoencoderKL, scaling_factor) from a diffusers AutoencoderKL config dict and state dict."""
     from ..models.vae import AutoencoderKL, VAEConfig
-    config, weights = read_component(folder)
-    _require(config, ("block_out_channels", "latent_channels"), folder)
+    _require(config, ("block_out_channels", "latent_channels"), source)
     if config.get("in_channels", 3) != config.get("out_channels", config.get("in_channels", 3)):
-        raise NoisecraftError(f"{folder}: a VAE with different input and output channels is not supported.")
+        raise NoisecraftError(f"{source}: a VAE with different input and output channels is not supported.")
     vae_config = VAEConfig(in_channels=int(config.get("in_channels", 3)),
                            latent_channels=int(config["latent_channels"]),
                            block_out_channels=tuple(config["block_out_channels"]),
                            layers_per_block=int(config.get("layers_per_block", 1)),
                            norm_groups=int(config.get("norm_num_groups", 32)),
                            mid_attention=bool(config.get("mid_block_add_attention", True)))
-    vae = load_into(AutoencoderKL(vae_config), weights, folder)
-    return vae.eval(), float(config.get("scaling_factor", 0.18215))
+    vae = load_into(AutoencoderKL(vae_config), weights, source)
+    return vae.eval(), float(config.get("scaling_factor") or 0.18215)
 
 
-def load_transformers_clip_text(folder: str | Path):
-    """Our CLIPTextTransformer from a transformers CLIPTextModel folder (SD's text_encoder/)."""
-    from ..models.clip import CLIPTextConfig, CLIPTextTransformer, strip_text_model_prefix
+def load_diffusers_vae(folder: str | Path):
+    """(AutoencoderKL, scaling_factor) from a diffusers AutoencoderKL folder (SD's vae/: scaling 0.18215)."""
     config, weights = read_component(folder)
+    return vae_from_diffusers(config, weights, folder)
+
+
+def vae_config_to_diffusers(vae_config, scaling_factor: float, sample_size: int | None = None) -> dict:
+    """Our VAEConfig as the config.json of diffusers' AutoencoderKL."""
+    levels = len(vae_config.block_out_channels)
+    config = {"_class_name": "AutoencoderKL", "in_channels": vae_config.in_channels,
+              "out_channels": vae_config.in_channels, "latent_channels": vae_config.latent_channels,
+              "block_out_channels": list(vae_config.block_out_channels),
+              "layers_per_block": vae_config.layers_per_block, "norm_num_groups": vae_config.norm_groups,
+              "down_block_types": ["DownEncoderBlock2D"] * levels, "up_block_types": ["UpDecoderBlock2D"] * levels,
+              "act_fn": "silu", "scaling_factor": float(scaling_factor),
+              "mid_block_add_attention": vae_config.mid_attention}
+    if sample_size is not None:
+        config["sample_size"] = int(sample_size)
+    return config
+
+
+def save_diffusers_vae(vae, scaling_factor: float, folder: str | Path, sample_size: int | None = None) -> Path:
+    """Write a diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model.safetensors)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_weights({k: v.contiguous() for k, v in vae.state_dict().items()},
+                 folder / "diffusion_pytorch_model.safetensors")
+    save_json(vae_config_to_diffusers(vae.config, scaling_factor, sample_size), folder / "config.json")
+    return folder
+
+
+def clip_text_from_transformers(config: dict, weights: dict[str, torch.Tensor], source="the text encoder"):
+    """Our CLIPTextTransformer from a transformers CLIPTextModel config dict and state dict."""
+    from ..models.clip import CLIPTextConfig, CLIPTextTransformer, strip_text_model_prefix
     config = config.get("text_config", config)    # a whole CLIPModel's config nests the text part
-    _require(config, ("hidden_size", "num_hidden_layers", "num_attention_heads"), folder)
+    _require(config, ("hidden_size", "num_hidden_layers", "num_attention_heads"), source)
     eos = config.get("eos_token_id")
     if eos == 2:   # configs older than transformers PR #24773 (SD 1.x's): pool at argmax(ids) = <|endoftext|>
         eos = None
@@ -100,5 +129,33 @@ def load_transformers_clip_text(folder: str | Path):
                                  activation=config.get("hidden_act", "quick_gelu"),
                                  layer_norm_eps=float(config.get("layer_norm_eps", 1e-5)),
                                  eos_token_id=eos)
-    weights = {k: v for k, v in strip_text_model_prefix(weights).items() if k != "text_projection.weight"}
-    return load_into(CLIPTextTransformer(text_config), weights, folder).eval()
+    weights = {k: v for k, v in strip_text_model_prefix(weights).items()
+               if k != "text_projection.weight" and not k.endswith("position_ids")}
+    return load_into(CLIPTextTransformer(text_config), weights, source).eval()
+
+
+def load_transformers_clip_text(folder: str | Path):
+    """Our CLIPTextTransformer from a transformers CLIPTextModel folder (SD's text_encoder/)."""
+    config, weights = read_component(folder)
+    return clip_text_from_transformers(config, weights, folder)
+
+
+def clip_text_config_to_transformers(text_config) -> dict:
+    """Our CLIPTextConfig as the config.json of transformers' CLIPTextModel."""
+    return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
+            "vocab_size": text_config.vocab_size, "hidden_size": text_config.width,
+            "intermediate_size": text_config.intermediate_size, "num_hidden_layers": text_config.layers,
+            "num_attention_heads": text_config.heads, "max_position_embeddings": text_config.max_length,
+            "hidden_act": text_config.activation, "layer_norm_eps": text_config.layer_norm_eps,
+            "eos_token_id": text_config.eos_token_id, "bos_token_id": text_config.vocab_size - 2,
+            "pad_token_id": 1, "torch_dtype": "float32"}
+
+
+def save_transformers_clip_text(text_model, folder: str | Path) -> Path:
+    """Write a transformers CLIPTextModel folder (config.json + model.safetensors, keys under text_model.)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = {f"text_model.{k}": v.contiguous() for k, v in text_model.state_dict().items()}
+    save_weights(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    save_json(clip_text_config_to_transformers(text_model.config), folder / "config.json")
+    return folder

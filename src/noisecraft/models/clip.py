@@ -367,7 +367,9 @@ class CLIPTextEncoder(TextEncoder):
     keys of transformers' CLIPTextModelWithProjection) and tokenizer/ (vocab.json + merges.txt).
     """
 
-    def __init__(self, config: CLIPTextConfig, tokenizer: CLIPTokenizer | None = None):
+    def __init__(self, config: CLIPTextConfig, tokenizer: CLIPTokenizer | None = None,
+                 text_model: CLIPTextTransformer | None = None):
+        """A fresh text transformer for `config`, or `text_model` (already loaded, e.g. Stable Diffusion's)."""
         super().__init__()
         if tokenizer is None:
             tokenizer = CLIPTokenizer.from_bpe_file(max_length=config.max_length)
@@ -377,7 +379,7 @@ class CLIPTextEncoder(TextEncoder):
                                   f"{config.eos_token_id}); save and load them together.")
         self.config = config
         self.tokenizer = tokenizer
-        self.text_model = CLIPTextTransformer(config)
+        self.text_model = CLIPTextTransformer(config) if text_model is None else text_model
         self.text_projection = (nn.Linear(config.width, config.projection_dim, bias=False)
                                 if config.projection_dim else None)
         self.dim = config.width

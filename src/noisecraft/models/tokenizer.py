@@ -204,7 +204,26 @@ class CLIPTokenizer:
             stored = settings.get("model_max_length")
             # Some configs store a huge sentinel (1e30) meaning "no limit"; CLIP's positions stop at 77.
             max_length = int(stored) if isinstance(stored, (int, float)) and 2 <= stored <= 4096 else DEFAULT_MAX_LENGTH
+        if not (folder / "vocab.json").exists() and (folder / "tokenizer.json").exists():
+            return cls.from_tokenizer_json(folder / "tokenizer.json", max_length=max_length, pad_token=pad)
         return cls.from_files(folder / "vocab.json", folder / "merges.txt", max_length=max_length, pad_token=pad)
+
+    @classmethod
+    def from_tokenizer_json(cls, path: str | Path, max_length: int = DEFAULT_MAX_LENGTH,
+                            pad_token: str = EOS_TOKEN) -> CLIPTokenizer:
+        """The single tokenizer.json that transformers >= 5 saves instead of vocab.json + merges.txt (a BPE
+        model whose "vocab" and "merges" are the same tables)."""
+        path = Path(path)
+        try:
+            model = json.loads(path.read_text(encoding="utf-8")).get("model", {})
+            vocab, merges = model["vocab"], model["merges"]
+            merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in merges]
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, KeyError, TypeError) as e:
+            raise NoisecraftError(f"{path} is not a BPE tokenizer.json ({type(e).__name__}: {e}); restore it from the "
+                                  "original tokenizer.") from None
+        if not isinstance(vocab, dict) or any(len(m) != 2 for m in merges):
+            raise NoisecraftError(f"{path} does not hold a BPE vocabulary and merges; restore it.")
+        return cls(vocab, merges, max_length=max_length, pad_token=pad_token, source=f"tokenizer {path.parent}")
 
     def save(self, folder: str | Path) -> Path:
         """Write vocab.json, merges.txt, tokenizer_config.json and special_tokens_map.json (Hugging Face's

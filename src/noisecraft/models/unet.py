@@ -10,6 +10,12 @@ to it) through a FiLM scale and shift after its second GroupNorm (improved DDPM,
 Text-conditional models (`context_dim` set) replace every attention block, the middle one included, with the
 spatial transformer of latent diffusion (Rombach et al. 2022, §3.3): self-attention, then cross-attention from the
 image features to the text embeddings τ(y), then a feed-forward layer (models/transformer.py).
+
+The same code takes exactly the shape of Stable Diffusion 1.x/2.x's U-Net (diffusers' UNet2DConditionModel):
+a fixed number of heads (`num_heads`), the time embedding added after the first convolution instead of FiLM
+(`time_conditioning="additive"`), linear transformer projections (`linear_projection`, 2.x) and GroupNorm eps
+(`norm_eps`); io/diffusers_unet.py maps its weights onto ours by renaming keys. Sizes not divisible by
+2^(levels-1) work too: each Upsample meets the size of the skip it is joined with, as SD does for any multiple of 8.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from torch import nn
 from ..errors import NoisecraftError
 from ..settings import settings_from_dict
 from .attention import SelfAttention2d
-from .embeddings import LabelEmbedding, TimeEmbedding
+from .embeddings import LabelEmbedding, TimeEmbedding, timestep_embedding
 from .transformer import SpatialTransformer
 
 
@@ -43,10 +49,16 @@ class UNetConfig:
     groups: int = 8                           # GroupNorm groups
     context_dim: int | None = None            # None: no text; else the width of the text embeddings (cross-attention)
     transformer_depth: int = 1                # transformer blocks per attention site of a text model
+    num_heads: int | tuple[int, ...] | None = None   # None: width // head_dim; int: every block; tuple: per level
+    time_conditioning: str = "scale_shift"    # "scale_shift" (FiLM after norm2) or "additive" (SD: added after conv1)
+    linear_projection: bool = False           # text models: linear proj_in/proj_out (SD 2.x) instead of 1×1 convs
+    norm_eps: float = 1e-5                    # eps of the ResBlock and output GroupNorms
 
     def __post_init__(self):
         self.channel_mults = tuple(self.channel_mults)
         self.attention_levels = tuple(self.attention_levels)
+        if isinstance(self.num_heads, list):      # JSON stores tuples as lists
+            self.num_heads = tuple(self.num_heads)
         if self.out_channels is None:
             self.out_channels = self.in_channels
         positive = ("in_channels", "out_channels", "base_channels", "num_res_blocks", "head_dim", "groups")
@@ -72,9 +84,41 @@ class UNetConfig:
             raise NoisecraftError(f"context_dim must be a positive integer or None, got {self.context_dim!r}.")
         if not isinstance(self.transformer_depth, int) or self.transformer_depth < 1:
             raise NoisecraftError(f"transformer_depth must be a positive integer, got {self.transformer_depth!r}.")
+        self._check_heads()
+        if self.time_conditioning not in ("scale_shift", "additive"):
+            raise NoisecraftError(f"time_conditioning must be \"scale_shift\" or \"additive\", "
+                                  f"got {self.time_conditioning!r}.")
+        if not isinstance(self.linear_projection, bool):
+            raise NoisecraftError(f"linear_projection must be true or false, got {self.linear_projection!r}.")
+        if isinstance(self.norm_eps, bool) or not isinstance(self.norm_eps, (int, float)) or not self.norm_eps > 0:
+            raise NoisecraftError(f"norm_eps must be a positive number, got {self.norm_eps!r}.")
+        self.norm_eps = float(self.norm_eps)
         if self.num_classes and self.context_dim is not None:
             raise NoisecraftError("a model takes class labels (num_classes) or text (context_dim), not both; "
                                   "set one of them to its default (0 or None).")
+
+    def _check_heads(self) -> None:
+        heads = self.num_heads
+        if heads is None:
+            return
+        n = len(self.channel_mults)
+        per_level = (heads,) * n if isinstance(heads, int) else heads
+        if (not isinstance(per_level, tuple) or len(per_level) != n
+                or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in per_level)):
+            raise NoisecraftError(f"num_heads must be None, a positive integer or one positive integer per level "
+                                  f"({n} levels), got {heads!r}.")
+        for level in sorted(set(self.attention_levels) | {n - 1}):   # the middle block uses the last level's
+            width = self.base_channels * self.channel_mults[level]
+            if width % per_level[level]:
+                raise NoisecraftError(f"the width {width} of level {level} is not divisible by its num_heads "
+                                      f"{per_level[level]}; choose a head count that divides it.")
+
+    def heads_at(self, level: int) -> int:
+        """Attention heads at a level (the middle block uses the last level's)."""
+        width = self.base_channels * self.channel_mults[level]
+        if self.num_heads is None:
+            return width // self.head_dim if width % self.head_dim == 0 else 1   # one head for odd widths
+        return self.num_heads if isinstance(self.num_heads, int) else self.num_heads[level]
 
     @classmethod
     def from_dict(cls, data: dict) -> "UNetConfig":
@@ -84,6 +128,8 @@ class UNetConfig:
         d = asdict(self)
         d["channel_mults"] = list(self.channel_mults)
         d["attention_levels"] = list(self.attention_levels)
+        if isinstance(self.num_heads, tuple):
+            d["num_heads"] = list(self.num_heads)
         return d
 
     @property
@@ -93,14 +139,19 @@ class UNetConfig:
 
 class ResBlock(nn.Module):
     """GroupNorm → SiLU → conv, then GroupNorm with a FiLM (scale, shift) from the embedding → SiLU → dropout → conv,
-    plus a (1×1 if the width changes) skip connection."""
+    plus a (1×1 if the width changes) skip connection.
 
-    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, groups: int):
+    time_conditioning="additive" instead adds a projection of the embedding after the first convolution (the DDPM
+    original and Stable Diffusion's U-Net: h = conv1(·) + W·emb, then GroupNorm → SiLU → dropout → conv)."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, groups: int,
+                 time_conditioning: str = "scale_shift", eps: float = 1e-5):
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, in_ch)
+        self.additive = time_conditioning == "additive"
+        self.norm1 = nn.GroupNorm(groups, in_ch, eps=eps)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.emb = nn.Linear(emb_dim, 2 * out_ch)
-        self.norm2 = nn.GroupNorm(groups, out_ch)
+        self.emb = nn.Linear(emb_dim, out_ch if self.additive else 2 * out_ch)
+        self.norm2 = nn.GroupNorm(groups, out_ch, eps=eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         nn.init.zeros_(self.conv2.weight)  # a fresh block is the identity: stabler early training
@@ -109,8 +160,11 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
-        scale, shift = self.emb(emb)[:, :, None, None].chunk(2, dim=1)
-        h = self.norm2(h) * (1 + scale) + shift
+        if self.additive:
+            h = self.norm2(h + self.emb(emb)[:, :, None, None])
+        else:
+            scale, shift = self.emb(emb)[:, :, None, None].chunk(2, dim=1)
+            h = self.norm2(h) * (1 + scale) + shift
         h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
 
@@ -127,14 +181,19 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Double H and W (nearest neighbour), then a 3×3 convolution."""
+    """Double H and W (nearest neighbour), then a 3×3 convolution. `size` (H, W) overrides the doubling, so an odd
+    size halved on the way down (15 -> 8) comes back to the size of the skip it meets (8 -> 15)."""
 
     def __init__(self, ch: int):
         super().__init__()
         self.conv = nn.Conv2d(ch, ch, 3, padding=1)
 
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    def forward(self, x, size: tuple[int, int] | None = None):
+        if size is None or tuple(size) == (2 * x.shape[2], 2 * x.shape[3]):
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        else:
+            x = F.interpolate(x, size=tuple(size), mode="nearest")
+        return self.conv(x)
 
 
 class Level(nn.Module):
@@ -166,14 +225,18 @@ class UNet(nn.Module):
         self.label_embed = LabelEmbedding(c.num_classes, emb_dim) if c.num_classes else None
         self.conv_in = nn.Conv2d(c.in_channels, widths[0], 3, padding=1)
 
-        def attention_block(ch: int) -> nn.Module:
+        def attention_block(level: int, ch: int) -> nn.Module:
+            heads = c.heads_at(level)
             if c.context_dim is None:
-                return SelfAttention2d(ch, c.head_dim, c.groups)
-            head_dim = c.head_dim if ch % c.head_dim == 0 else ch   # one head for odd widths, as SelfAttention2d
-            return SpatialTransformer(ch, ch // head_dim, head_dim, c.context_dim, c.transformer_depth, c.groups)
+                return SelfAttention2d(ch, ch // heads, c.groups)
+            return SpatialTransformer(ch, heads, ch // heads, c.context_dim, c.transformer_depth, c.groups,
+                                      use_linear_projection=c.linear_projection)
 
         def attention(level: int, ch: int) -> nn.Module:
-            return attention_block(ch) if level in c.attention_levels else nn.Identity()
+            return attention_block(level, ch) if level in c.attention_levels else nn.Identity()
+
+        def res_block(in_ch: int, out_ch: int) -> ResBlock:
+            return ResBlock(in_ch, out_ch, emb_dim, c.dropout, c.groups, c.time_conditioning, c.norm_eps)
 
         # Down path: remember the width of every skip connection it produces.
         self.down, self.downsamplers = nn.ModuleList(), nn.ModuleList()
@@ -181,7 +244,7 @@ class UNet(nn.Module):
         for level, width in enumerate(widths):
             blocks, attns = [], []
             for _ in range(c.num_res_blocks):
-                blocks.append(ResBlock(ch, width, emb_dim, c.dropout, c.groups))
+                blocks.append(res_block(ch, width))
                 attns.append(attention(level, width))
                 ch = width
                 skip_widths.append(ch)
@@ -191,22 +254,22 @@ class UNet(nn.Module):
             if not last:
                 skip_widths.append(ch)
 
-        self.mid_block1 = ResBlock(ch, ch, emb_dim, c.dropout, c.groups)
-        self.mid_attn = attention_block(ch)
-        self.mid_block2 = ResBlock(ch, ch, emb_dim, c.dropout, c.groups)
+        self.mid_block1 = res_block(ch, ch)
+        self.mid_attn = attention_block(len(widths) - 1, ch)
+        self.mid_block2 = res_block(ch, ch)
 
         # Up path: each block consumes one skip connection, in reverse order.
         self.up, self.upsamplers = nn.ModuleList(), nn.ModuleList()
         for level in reversed(range(len(widths))):
             blocks, attns = [], []
             for _ in range(c.num_res_blocks + 1):
-                blocks.append(ResBlock(ch + skip_widths.pop(), widths[level], emb_dim, c.dropout, c.groups))
+                blocks.append(res_block(ch + skip_widths.pop(), widths[level]))
                 attns.append(attention(level, widths[level]))
                 ch = widths[level]
             self.up.append(Level(blocks, attns))
             self.upsamplers.append(Upsample(ch) if level > 0 else nn.Identity())
 
-        self.norm_out = nn.GroupNorm(c.groups, ch)
+        self.norm_out = nn.GroupNorm(c.groups, ch, eps=c.norm_eps)
         self.conv_out = nn.Conv2d(ch, c.out_channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
@@ -221,11 +284,6 @@ class UNet(nn.Module):
             raise NoisecraftError(
                 f"the model expects images of shape N×{c.in_channels}×H×W, got {tuple(x.shape)}; "
                 f"check the channel count of your data.")
-        f = c.downsample_factor
-        if x.shape[2] % f or x.shape[3] % f:
-            raise NoisecraftError(
-                f"image size {x.shape[2]}×{x.shape[3]} is not divisible by {f} (the model halves it "
-                f"{len(c.channel_mults) - 1} times); use fewer channel_mults or resize the images.")
 
     def check_context(self, x: torch.Tensor, context: torch.Tensor | None) -> None:
         """Raise a clear error for a missing or mis-shaped text context."""
@@ -244,13 +302,18 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         self.check_input(x)
+        # The weights may be bfloat16/float16 (model.to(torch.bfloat16)): inputs follow the weights' dtype, the
+        # output comes back in the input's.
+        in_dtype, dtype = x.dtype, self.conv_in.weight.dtype
+        x = x.to(dtype)
         context = None
         if self.config.context_dim is not None:
             self.check_context(x, cond)
-            context = cond
+            context = cond.to(dtype)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
-        emb = self.time_embed(t)
+        # Sinusoidal features in float32 (timesteps up to 1000 need its precision), then the MLP in the weights' dtype.
+        emb = self.time_embed.mlp(timestep_embedding(t, self.time_embed.base_dim).to(dtype))
         if self.label_embed is not None:
             labels = cond
             if labels is None:  # no label given: the unconditional model
@@ -273,9 +336,10 @@ class UNet(nn.Module):
         for level, up in zip(self.up, self.upsamplers):
             for block, attn in zip(level.blocks, level.attentions):
                 h = self.attend(attn, block(torch.cat([h, skips.pop()], dim=1), emb), context)
-            h = up(h)
+            if isinstance(up, Upsample):
+                h = up(h, skips[-1].shape[2:])   # the size of the skip it is joined with next
 
-        return self.conv_out(F.silu(self.norm_out(h))).contiguous()
+        return self.conv_out(F.silu(self.norm_out(h))).contiguous().to(in_dtype)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -17,7 +17,6 @@ from ..errors import NoisecraftError
 from ..io.checkpoint import load_weights
 from ..models.unet import UNet
 from ..samplers import control, generate
-from ..schedule import NoiseSchedule
 from ..training.config import RunConfig
 from ..training.trainer import load_run_config
 
@@ -44,7 +43,7 @@ class DiffusionPipeline:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         d = config.diffusion
-        self.schedule = NoiseSchedule.create(d.schedule, d.T)
+        self.schedule = d.make_schedule()
         # x̂0 clipping to [-1, 1] is a pixel-range constraint; latents have no such range.
         self.denoiser = Denoiser(self.model, self.schedule, d.prediction, clip_x0=d.clip_x0 and vae is None)
         if (vae is None) != (config.latent is None):
@@ -55,6 +54,9 @@ class DiffusionPipeline:
         self.scaling_factor = float(scaling_factor)
         self.text_encoder = text_encoder
         self._prompt_cache: dict[str, torch.Tensor] = {}
+        # What the CLI uses when the user does not say: our runs sample well with 30 DDPM steps at guidance 4;
+        # Stable Diffusion pipelines (pipelines/stable_diffusion.py) replace this with SD's own defaults.
+        self.defaults = {"sampler": "ddpm", "steps": 30, "guidance": 4.0, "spacing": "leading"}
 
     # --- the latent space and the text encoder ---------------------------------------------------
 
@@ -62,6 +64,60 @@ class DiffusionPipeline:
     def model_shape(self) -> tuple[int, int, int]:
         """The shape the sampler works in: the image's, or the VAE latent's."""
         return self.config.model_shape
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.config.data.image_shape)
+
+    @property
+    def downsample_factor(self) -> int:
+        """Image pixels per latent pixel along a side (1 for pixel models; 8 for Stable Diffusion)."""
+        return 1 if self.vae is None else self.vae.config.downsample_factor
+
+    @property
+    def latent_channels(self) -> int:
+        return self.model_shape[0]
+
+    def shape_for(self, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:
+        """The sampler's shape for images of height × width (default: the size the model was trained at).
+        Any multiple of the VAE's downsampling factor works: the U-Net is fully convolutional."""
+        if height is None and width is None:
+            return self.model_shape
+        _, h0, w0 = self.image_shape
+        height, width = height or h0, width or w0
+        f = self.downsample_factor
+        for name, value in (("height", height), ("width", width)):
+            if not isinstance(value, int) or value < f or value % f:
+                raise NoisecraftError(f"{name} must be a positive multiple of {f} for this model, got {value!r}.")
+        return (self.latent_channels, height // f, width // f)
+
+    # --- memory and speed -----------------------------------------------------------------------
+
+    def set_precision(self, dtype: torch.dtype | str) -> "DiffusionPipeline":
+        """Run the U-Net and the text encoder in float32, bfloat16 or float16 (half the memory of float32 weights).
+        The VAE decoder stays in float32: a half-precision decoder is the classic source of black or NaN images."""
+        dtype = parse_dtype(dtype)
+        self.model.to(dtype)
+        if self.text_encoder is not None:
+            self.text_encoder.to(dtype)
+        self._prompt_cache.clear()
+        return self
+
+    def enable_attention_slicing(self, slice_size: int | None = 1024) -> "DiffusionPipeline":
+        """Compute attention for slice_size query positions at a time (None: all at once): lower peak memory
+        for large images at a small cost in speed."""
+        from ..models.attention import set_attention_slicing
+        set_attention_slicing(self.model, slice_size)
+        return self
+
+    def enable_vae_tiling(self, tile_latent: int = 64, overlap: float = 0.25) -> "DiffusionPipeline":
+        """Decode (and encode) through overlapping tiles blended linearly: large images in bounded memory."""
+        from ..models.vae_tiling import TiledVAE
+        if self.vae is None:
+            raise NoisecraftError("VAE tiling needs a latent model; this pixel model has no VAE.")
+        base = self.vae.vae if isinstance(self.vae, TiledVAE) else self.vae
+        self.vae = TiledVAE(base, tile_latent=tile_latent, overlap=overlap)
+        return self
 
     @property
     def takes_prompts(self) -> bool:
@@ -90,6 +146,35 @@ class DiffusionPipeline:
                 tokens = self.text_encoder(missing)[0].float().to(self.device)
             self._prompt_cache.update(zip(missing, tokens))
         return torch.stack([self._prompt_cache[p] for p in prompts])
+
+    def _prompt_embeddings(self, n: int, prompt) -> torch.Tensor:
+        """N×L×D embeddings for a prompt, a list of prompts, or embeddings given directly (L×D or N×L×D, e.g.
+        from `mix_prompts`)."""
+        if not torch.is_tensor(prompt):
+            return self.embed(self._prompts(n, prompt))
+        emb = prompt.to(self.device, torch.float32)
+        if emb.ndim == 2:
+            emb = emb.unsqueeze(0)
+        expected = self.embed([""]).shape[1:]
+        if emb.ndim != 3 or tuple(emb.shape[1:]) != tuple(expected) or emb.shape[0] not in (1, n):
+            raise NoisecraftError(f"prompt embeddings must have shape {n}×{expected[0]}×{expected[1]} or "
+                                  f"{expected[0]}×{expected[1]}, got {tuple(prompt.shape)}; make them with embed().")
+        return emb.expand(n, *expected)
+
+    def mix_prompts(self, prompt_a: str, prompt_b: str, weight: float = 0.5, tokens=None) -> torch.Tensor:
+        """Prompt-embedding mixing: (1 - weight)·E(a) + weight·E(b) over all token positions, or only at the
+        positions in `tokens` (e.g. range(1, 4): the first three words take on b's meaning) — pass the result as
+        `prompt=` to sample. Cross-attention reads each token embedding separately, so mixing a few positions
+        blends concepts while the rest of prompt a stays as it is."""
+        a, b = self.embed([prompt_a, prompt_b])
+        if tokens is None:
+            return torch.lerp(a, b, float(weight))
+        positions = torch.as_tensor(list(tokens), dtype=torch.long)
+        if positions.numel() and (positions.min() < 0 or positions.max() >= a.shape[0]):
+            raise NoisecraftError(f"token positions must lie in 0..{a.shape[0] - 1}, got {list(tokens)}.")
+        mixed = a.clone()
+        mixed[positions] = torch.lerp(a[positions], b[positions], float(weight))
+        return mixed
 
     def _prompts(self, n: int, prompt) -> list[str]:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -148,7 +233,7 @@ class DiffusionPipeline:
             if label is not None or negative_label is not None:
                 raise NoisecraftError("this model is text-conditional: describe the image with a prompt instead of "
                                       "a class label.")
-            return self.embed(self._prompts(n, "" if prompt is None else prompt))
+            return self._prompt_embeddings(n, "" if prompt is None else prompt)
         if prompt is not None or negative_prompt is not None:
             self.embed([])   # raises the "not text-conditional" error
         if negative_label is not None:
@@ -162,13 +247,13 @@ class DiffusionPipeline:
 
     def _make_denoiser(self, soft: bool = False, guidance: float = 1.0, negative_label: int | None = None,
                        guide=None, guide_scale: float = 1.0, guide_every: int = 1, guide_mode: str = "x0",
-                       guide_max_sigma: float = float("inf"), negative_prompt: str | None = None):
+                       guide_max_sigma: float = float("inf"), negative_prompt: str | None = None, base=None):
         """The base denoiser with classifier-free guidance (the negative label or prompt, if any, in place of the
         null label or empty prompt) and loss guidance stacked on. A new one for each batch, so guide_every
         counts from its start. In a latent run the guide's loss sees the decoded image of x̂0."""
-        denoiser = self.denoiser
+        denoiser = self.denoiser if base is None else base
         if self.takes_prompts and (guidance != 1.0 or negative_prompt is not None):
-            uncond = self.embed(["" if negative_prompt is None else negative_prompt])
+            uncond = self._prompt_embeddings(1, "" if negative_prompt is None else negative_prompt)[0]
             denoiser = ClassifierFreeGuidance(denoiser, guidance, uncond)
         elif self.num_classes and (guidance != 1.0 or negative_label is not None):
             other = self.num_classes if negative_label is None else negative_label
@@ -182,7 +267,7 @@ class DiffusionPipeline:
         return denoiser
 
     def _run(self, n: int, draw, *, label=None, negative_label=None, prompt=None, negative_prompt=None,
-             save_every: int = 0, batch_size: int = 250, progress=None, **guides) -> SampleResult:
+             save_every: int = 0, batch_size: int = 250, progress=None, base=None, **guides) -> SampleResult:
         """Draw n images in batches: draw(denoiser, start, count, cond, callback) -> images of one batch.
         Keeps x_t and x̂0 every save_every steps of the first batch; progress(k) counts finished images."""
         if n < 1:
@@ -203,7 +288,7 @@ class DiffusionPipeline:
                 if progress is not None:
                     progress(count if last else 0)
 
-            denoiser = self._make_denoiser(False, negative_label=negative_label, **guides)
+            denoiser = self._make_denoiser(False, negative_label=negative_label, base=base, **guides)
             cond = None if labels is None else labels[start:start + count]
             images.append(self.decode(draw(denoiser, start, count, cond, keep)).clamp(-1, 1).cpu())
         shown = None if labels is None or label is None else labels.cpu()
@@ -228,10 +313,11 @@ class DiffusionPipeline:
         images = torch.as_tensor(images, dtype=torch.float32)
         if images.ndim == 3:
             images = images.unsqueeze(0)
-        shape = tuple(self.config.data.image_shape)
-        if images.ndim != 4 or tuple(images.shape[1:]) != shape:
-            raise NoisecraftError(f"{what} must have shape N×{'×'.join(map(str, shape))} for this model, got "
-                                  f"{tuple(images.shape)}; convert or resize them first.")
+        c, f = self.image_shape[0], self.downsample_factor
+        if images.ndim != 4 or images.shape[1] != c or images.shape[2] % f or images.shape[3] % f:
+            raise NoisecraftError(f"{what} must have shape N×{c}×H×W with H and W multiples of {f} for this model, "
+                                  f"got {tuple(images.shape)}; convert or resize them first.")
+        shape = tuple(images.shape[1:])
         if n is not None:
             if images.shape[0] == 1:
                 images = images.expand(n, *shape)
@@ -245,6 +331,7 @@ class DiffusionPipeline:
                guidance: float = 1.0, negative_label: int | None = None, guide=None, guide_scale: float = 1.0,
                guide_every: int = 1, guide_mode: str = "x0", guide_max_sigma: float = float("inf"),
                save_every: int = 0, batch_size: int = 250, spacing: str = "leading", progress=None,
+               height: int | None = None, width: int | None = None, noise: torch.Tensor | None = None,
                **options) -> SampleResult:
         """Draw n images.
 
@@ -255,12 +342,20 @@ class DiffusionPipeline:
         call, guide_mode "x0" (shift x̂0 by the gradient) or "score" (gradient through the network), only
         at σ <= guide_max_sigma (see noisecraft.guidance.LossGuidance). save_every k > 0 keeps x_t and x̂0
         every k steps (first batch only). Sample i uses seed + i, whatever batch_size.
-        Text-conditional models take `prompt` (one, or one per image) and `negative_prompt` instead of labels."""
-        shape = self.model_shape
+        Text-conditional models take `prompt` (one, or one per image, or embeddings from `embed` / `mix_prompts`)
+        and `negative_prompt` instead of labels. height/width: the image size (multiples of the VAE factor; default
+        the training size). noise: the starting latents N×C×h×w ~ N(0, I) instead of seeded ones."""
+        if self.inpainting_model:
+            raise NoisecraftError("this is an inpainting model (its U-Net also reads a mask and the masked image); "
+                                  "use inpaint with an image and a mask.")
+        shape = self.shape_for(height, width)
+        if noise is not None and (noise.ndim != 4 or tuple(noise.shape) != (n, *shape)):
+            raise NoisecraftError(f"noise must have shape {n}×{'×'.join(map(str, shape))}, got {tuple(noise.shape)}.")
 
         def draw(denoiser, start, count, cond, keep):
+            part = None if noise is None else noise[start:start + count]
             return generate(denoiser, (count, *shape), sampler=sampler, steps=steps, spacing=spacing, cond=cond,
-                            seed=seed + start, callback=keep, device=self.device, **options)
+                            seed=seed + start, callback=keep, device=self.device, noise=part, **options)
 
         return self._run(n, draw, label=label, negative_label=negative_label, prompt=prompt,
                          negative_prompt=negative_prompt, save_every=save_every,
@@ -301,6 +396,9 @@ class DiffusionPipeline:
         except RuntimeError:
             raise NoisecraftError(f"the mask of shape {tuple(mask.shape)[-2:]} does not fit images of shape "
                                   f"{tuple(images.shape)}; give an H×W mask of the model's image size.") from None
+        if self.inpainting_model:
+            return self._inpaint_conditioned(images, mask, sampler=sampler, steps=steps, seed=seed, spacing=spacing,
+                                             **kwargs)
         if self.vae is not None:
             # Latent inpainting: the known region is kept in latent space, with the mask shrunk to the latent
             # grid (area average, then "generate" wherever any of the patch is to be generated).
@@ -315,6 +413,36 @@ class DiffusionPipeline:
                                    cond=cond, seed=seed + start, callback=keep, **options)
 
         return self._run(images.shape[0], draw, **run_kw)
+
+    @property
+    def inpainting_model(self) -> bool:
+        """A U-Net trained for inpainting (SD's 9-channel model): its input is [z_t, mask, E(masked image)]."""
+        return self.vae is not None and self.model.config.in_channels == 2 * self.latent_channels + 1
+
+    def _inpaint_conditioned(self, images, mask, *, strength: float = 1.0, sampler, steps, seed, spacing, **kwargs):
+        """Inpainting with a U-Net that reads the mask and the masked image's latents as extra input channels
+        (Stable Diffusion's inpainting model): no blending, the network itself keeps the unmasked region.
+        strength 1 starts from pure noise; below 1 from the noised image's latents, as in img2img."""
+        from ..denoiser import Denoiser
+        pixel_mask = (mask[:, :1] >= 0.5).float()
+        masked_latents = self.encode(images * (1 - pixel_mask))     # the region to fill is blanked (0 = grey)
+        small_mask = torch.nn.functional.interpolate(pixel_mask, size=masked_latents.shape[-2:])   # nearest
+        net = ConditionedUNet(self.model, torch.cat([small_mask, masked_latents], dim=1))
+        base = Denoiser(net, self.schedule, self.config.diffusion.prediction, clip_x0=False)
+        run_kw, options = self._split(kwargs)
+        shape = tuple(masked_latents.shape[1:])
+        start_latents = self.encode(images) if strength < 1 else None
+
+        def draw(denoiser, start, count, cond, keep):
+            net.select(slice(start, start + count))
+            if start_latents is None:
+                return generate(denoiser, (count, *shape), sampler=sampler, steps=steps, spacing=spacing, cond=cond,
+                                seed=seed + start, callback=keep, device=self.device, **options)
+            return control.img2img(denoiser, start_latents[start:start + count], strength, sampler=sampler,
+                                   steps=steps, spacing=spacing, cond=cond, seed=seed + start, callback=keep,
+                                   **options)
+
+        return self._run(images.shape[0], draw, base=base, **run_kw)
 
     _RUN_KEYS = ("label", "negative_label", "prompt", "negative_prompt", "save_every", "batch_size", "progress",
                  "guidance", "guide", "guide_scale", "guide_every", "guide_mode", "guide_max_sigma")
@@ -360,3 +488,35 @@ class DiffusionPipeline:
         x = control.interpolate(denoiser, shape, seed_a, seed_b, n, sampler=sampler, steps=steps, spacing=spacing,
                                 cond=cond, callback=keep, device=self.device, **options)
         return SampleResult(self.decode(x).clamp(-1, 1).cpu(), None, self._decode_trajectory(trajectory))
+
+
+class ConditionedUNet(torch.nn.Module):
+    """A U-Net whose input has extra channels fixed per image (SD inpainting: mask and masked-image latents):
+    forward(x, t, cond) = unet(cat[x, extra], t, cond). The sampler's batch may be the selected images repeated
+    (classifier-free guidance runs conditional and unconditional halves in one batch), so `extra` is tiled to it."""
+
+    def __init__(self, unet: torch.nn.Module, extra: torch.Tensor):
+        super().__init__()
+        self.unet, self.extra, self.part = unet, extra, extra
+
+    @property
+    def config(self):
+        return self.unet.config
+
+    def select(self, rows: slice) -> None:
+        self.part = self.extra[rows]
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
+        extra = self.part.to(x.dtype).repeat(x.shape[0] // self.part.shape[0], 1, 1, 1)
+        return self.unet(torch.cat([x, extra], dim=1), t, cond)
+
+
+def parse_dtype(dtype) -> torch.dtype:
+    """torch.float32 / "float32" / "fp32", bfloat16 / "bf16", float16 / "fp16" / "half"."""
+    if isinstance(dtype, torch.dtype) and dtype in (torch.float32, torch.bfloat16, torch.float16):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+    if isinstance(dtype, str) and dtype.lower() in names:
+        return names[dtype.lower()]
+    raise NoisecraftError(f"unknown precision {dtype!r}; use float32, bfloat16 or float16.")

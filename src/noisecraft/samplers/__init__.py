@@ -95,12 +95,14 @@ def prior_noise(shape, sigma_max: float, generator=None, device="cpu") -> torch.
 @torch.no_grad()
 def generate(denoiser, shape: tuple[int, ...], *, sampler: str = "ddim", steps: int = 50, spacing: str = "leading",
              karras: bool = False, cond: torch.Tensor | None = None, seed: int = 0, callback=None, device="cpu",
-             **options) -> torch.Tensor:
+             noise: torch.Tensor | None = None, **options) -> torch.Tensor:
     """Draw shape[0] samples. Sample i uses seed + i for all its noise, so a seed gives the same picture
     whatever the batch size. Returns images on the data scale (roughly [-1, 1]).
 
     The σ's visited are the schedule's own at `steps` timesteps chosen by `spacing`, or, with karras=True
-    or a "... Karras" sampler name, EDM's spacing between the model's σ_min and σ_max (spacing unused)."""
+    or a "... Karras" sampler name, EDM's spacing between the model's σ_min and σ_max (spacing unused).
+    `noise` (shape `shape`, N(0, I)) replaces the seeded starting noise x_T, e.g. to reproduce another library's
+    run from its initial latents; the seed still drives the noise of stochastic samplers."""
     name, alias_karras = resolve_sampler(sampler)
     fn = SAMPLERS[name]
     check_options(name, fn, options)
@@ -108,9 +110,14 @@ def generate(denoiser, shape: tuple[int, ...], *, sampler: str = "ddim", steps: 
         sigmas = karras_sigmas(denoiser.sigma_min, denoiser.sigma_max, steps)
     else:
         sigmas = discrete_sigmas(denoiser.schedule, steps, spacing)
-    noise = SeededNoise(range(seed, seed + shape[0]), device=device)
-    x = prior_noise(shape, float(sigmas[0]), noise, device)
-    return fn(denoiser, x, sigmas, cond=cond, generator=noise, callback=callback, **options)
+    seeded = SeededNoise(range(seed, seed + shape[0]), device=device)
+    if noise is None:
+        x = prior_noise(shape, float(sigmas[0]), seeded, device)
+    else:
+        if tuple(noise.shape) != tuple(shape):
+            raise NoisecraftError(f"the starting noise must have shape {tuple(shape)}, got {tuple(noise.shape)}.")
+        x = noise.to(device=device, dtype=torch.float32) * (1.0 + float(sigmas[0]) ** 2) ** 0.5
+    return fn(denoiser, x, sigmas, cond=cond, generator=seeded, callback=callback, **options)
 
 
 __all__ = ["ALIASES", "SAMPLERS", "SPACINGS", "SeededNoise", "generate", "get_sampler", "karras_sigmas",

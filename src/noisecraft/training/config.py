@@ -14,7 +14,7 @@ from typing import Any
 from ..denoiser import check_prediction_type
 from ..errors import NoisecraftError
 from ..models.unet import UNetConfig
-from ..schedule import BETA_SCHEDULES
+from ..schedule import BETA_SCHEDULES, NoiseSchedule
 
 CONFIG_VERSION = 1
 DEFAULT_MINUTES = 20.0   # the training budget when neither steps nor minutes is given
@@ -52,6 +52,8 @@ class DiffusionConfig:
     prediction: str = "eps"
     min_snr_gamma: float | None = 5.0
     clip_x0: bool = True   # clamp x̂0 to the data range while sampling
+    beta_start: float | None = None   # None: the schedule's own default (linear 1e-4, scaled_linear 0.00085)
+    beta_end: float | None = None     # None: linear 0.02, scaled_linear 0.012
 
     def __post_init__(self):
         if self.schedule not in BETA_SCHEDULES:
@@ -59,6 +61,11 @@ class DiffusionConfig:
         _check_number("diffusion", "T", self.T, lo=2, integer=True)
         check_prediction_type(self.prediction)
         _check_number("diffusion", "min_snr_gamma", self.min_snr_gamma, lo=0, allow_none=True)
+        _check_number("diffusion", "beta_start", self.beta_start, lo=0, hi=1, allow_none=True)
+        _check_number("diffusion", "beta_end", self.beta_end, lo=0, hi=1, allow_none=True)
+
+    def make_schedule(self) -> NoiseSchedule:
+        return NoiseSchedule.create(self.schedule, self.T, self.beta_start, self.beta_end)
 
 
 @dataclass

@@ -53,7 +53,7 @@ class Trainer:
         self.device = torch.device(device)
         self.progress = progress
         d = config.diffusion
-        self.schedule = NoiseSchedule.create(d.schedule, d.T)
+        self.schedule = d.make_schedule()
         torch.manual_seed(config.train.seed)    # the same initial weights for the same seed
         self.model = UNet(config.model).to(self.device)
         self.ema = EMA(self.model, config.train.ema_decay)
