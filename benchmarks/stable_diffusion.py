@@ -1,20 +1,19 @@
-"""Stable Diffusion through noisecraft vs diffusers: wall time per image and peak memory, in one process.
+"""Stable Diffusion through noisecraft vs diffusers: wall time per image and peak memory, in one run.
 
     python benchmarks/stable_diffusion.py tiny            # the tiny random SD pipeline of the tests (64×64)
     python benchmarks/stable_diffusion.py full --size 256 --steps 4     # SD 1.5's real architecture, random weights
 
-Both pipelines get the same components (diffusers/transformers modules, and the same weights loaded into
-noisecraft's own U-Net, VAE and CLIP text transformer), the same prompt, negative prompt, scheduler (LMS, leading
-spacing), guidance 7.5 and starting latents. Runs alternate (noisecraft, diffusers, noisecraft, ...) so slow
-drifts of the machine hit both; the ratio is median(noisecraft) / median(diffusers) per image (< 1: we are faster).
-Peak memory is the process's resident-set high-water mark above the level at the start of each run
-(noisecraft.memory.PeakMemory, VmHWM reset through /proc/self/clear_refs), i.e. the activations and temporaries
-of sampling, the weights of both libraries already loaded.
+Both libraries load the same diffusers folder (noisecraft into its own U-Net, VAE and CLIP text transformer) and
+draw the same picture: same prompt, negative prompt, LMS with trailing spacing, guidance 7.5 and starting latents
+(the image difference is printed). Each library runs in a fresh process (--repeats timed images after one warm-up),
+the processes alternate (noisecraft, diffusers, noisecraft, ... --rounds each) so slow drifts of the machine hit
+both, and the ratio is median(noisecraft) / median(diffusers) seconds per image (< 1: we are faster). Memory: the
+process's resident set after loading, and the sampling peak above it (noisecraft.memory.PeakMemory: VmHWM, reset
+through /proc/self/clear_refs) — activations and temporaries, warm-up included.
 
-`full` builds SD 1.5's U-Net (860M parameters), VAE and CLIP ViT-L/14 text encoder with random weights (no
-download is possible here), so the pictures are noise, but time and memory are those of the real model. It also
-measures noisecraft with bfloat16 weights, with attention slicing, and the VAE decoder with and without tiling at
---tile-size.
+`full` builds SD 1.5's U-Net (860M parameters), VAE and CLIP ViT-L/14 text encoder with random weights (nothing
+can be downloaded here), so the pictures are noise but time and memory are those of the real model; it also
+measures noisecraft with bfloat16 weights, with attention slicing (1024 queries) and with VAE tiling.
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ import argparse
 import json
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -39,52 +39,81 @@ PROMPT, NEGATIVE = "a photograph of an astronaut riding a horse", "blurry, low q
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def timed(fn):
+def worker(args) -> int:
+    """One library in a fresh process: load the folder, warm up, time --repeats images, report JSON on stdout.
+    A fresh process per library, so neither sees the other's allocator caches in its peak memory."""
+    import warnings
+    warnings.filterwarnings("ignore")
+    folder, size, steps = Path(args.folder), args.size, args.steps
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    z = torch.randn(1, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(0))
+    if args.lib == "diffusers":
+        import diffusers
+        pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None,
+                                                                 requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+
+        def draw():
+            with torch.no_grad():
+                return pipe(prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=7.5,
+                            latents=z.clone(), height=size, width=size, output_type="pt").images * 2 - 1
+    else:
+        pipe = load_pipeline(folder)
+        if args.variant == "bfloat16":
+            pipe.set_precision("bfloat16")
+        elif args.variant == "slicing":
+            pipe.enable_attention_slicing(1024)
+        elif args.variant == "tiling":
+            pipe.enable_vae_tiling(tile_latent=32)
+        sigma = float(pipe.schedule.sigmas[-1])
+        start = z * sigma / (1 + sigma**2) ** 0.5    # diffusers' LMS starts at σ_max·z with trailing spacing
+
+        def draw():
+            with torch.no_grad():
+                return pipe.sample(1, prompt=PROMPT, negative_prompt=NEGATIVE, sampler="lms", steps=steps,
+                                   spacing="trailing", guidance=7.5, noise=start, height=size, width=size).images
     with PeakMemory("cpu") as memory:
-        t0 = time.perf_counter()
-        out = fn()
-        seconds = time.perf_counter() - t0
-    return out, seconds, memory.peak_bytes
+        draw()                                                   # warm-up: first-call allocations, oneDNN plans
+        seconds, image = [], None
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            image = draw()
+            seconds.append(time.perf_counter() - t0)
+    torch.save(image, Path(args.image_out))
+    print(json.dumps({"seconds": seconds, "peak_bytes": memory.peak_bytes, "memory_method": memory.method,
+                      "loaded_bytes": memory.start_bytes}))
+    return 0
 
 
-def compare(ours_fn, theirs_fn, repeats: int) -> dict:
-    """Alternate the two, keep per-run seconds and peak bytes, check they draw the same picture."""
+def run_worker(lib: str, folder: Path, size: int, steps: int, repeats: int, threads: int | None,
+               variant: str = "") -> tuple[dict, torch.Tensor]:
+    with tempfile.TemporaryDirectory() as tmp:
+        image_out = Path(tmp) / "image.pt"
+        cmd = [sys.executable, __file__, "_worker", "--lib", lib, "--folder", str(folder), "--size", str(size),
+               "--steps", str(steps), "--repeats", str(repeats), "--image-out", str(image_out), "--variant", variant]
+        if threads:
+            cmd += ["--threads", str(threads)]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        return json.loads(out.strip().splitlines()[-1]), torch.load(image_out)
+
+
+def compare(folder: Path, size: int, steps: int, repeats: int, rounds: int, threads: int | None) -> dict:
+    """Alternate the two libraries (rounds × one process each); per-image medians, their ratio, peak memory."""
     runs = {"noisecraft": [], "diffusers": []}
-    images = {}
-    ours_fn(), theirs_fn()                                     # warm-up (first-call allocations, oneDNN plans)
-    for _ in range(repeats):
-        for name, fn in (("noisecraft", ours_fn), ("diffusers", theirs_fn)):
-            images[name], seconds, peak = timed(fn)
-            runs[name].append((seconds, peak))
-    summary = {}
-    for name, values in runs.items():
-        seconds = [s for s, _ in values]
-        summary[name] = {"seconds": seconds, "median_seconds": statistics.median(seconds),
-                         "peak_bytes": max(p for _, p in values)}
+    peaks, loaded, images = {}, {}, {}
+    for _ in range(rounds):
+        for lib in runs:
+            report, images[lib] = run_worker(lib, folder, size, steps, repeats, threads)
+            runs[lib] += report["seconds"]
+            peaks[lib] = max(peaks.get(lib, 0), report["peak_bytes"])
+            loaded[lib] = report["loaded_bytes"]
+    summary = {lib: {"seconds": secs, "median_seconds": statistics.median(secs), "peak_bytes": peaks[lib],
+                     "loaded_bytes": loaded[lib]} for lib, secs in runs.items()}
     summary["ratio"] = summary["noisecraft"]["median_seconds"] / summary["diffusers"]["median_seconds"]
     summary["max_abs_image_diff"] = float((images["noisecraft"] - images["diffusers"]).abs().max())
+    summary.update(size=size, steps=steps)
     return summary
-
-
-def run_pair(folder: Path, ref, size: int, steps: int, repeats: int, extra: dict | None = None) -> dict:
-    pipe = load_pipeline(folder)
-    latent = size // pipe.downsample_factor
-    z = torch.randn(1, 4, latent, latent, generator=torch.Generator().manual_seed(0))
-
-    def ours():
-        with torch.no_grad():
-            return pipe.sample(1, prompt=PROMPT, negative_prompt=NEGATIVE, sampler="lms", steps=steps,
-                               spacing="trailing", guidance=7.5, noise=z, height=size, width=size).images
-
-    def theirs():
-        with torch.no_grad():
-            out = ref(prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=7.5,
-                      latents=z.clone(), height=size, width=size, output_type="pt").images
-        return out * 2 - 1
-
-    result = compare(ours, theirs, repeats)
-    result.update(size=size, steps=steps, **(extra or {}))
-    return result
 
 
 def print_pair(title: str, r: dict) -> None:
@@ -92,15 +121,16 @@ def print_pair(title: str, r: dict) -> None:
     for name in ("noisecraft", "diffusers"):
         v = r[name]
         runs = ", ".join(f"{s:.2f}" for s in v["seconds"])
-        print(f"  {name:10s} median {v['median_seconds']:.3f} s/image (runs {runs}); peak +{format_bytes(v['peak_bytes'])}")
+        print(f"  {name:10s} median {v['median_seconds']:.3f} s/image (runs {runs}); process after loading "
+              f"{format_bytes(v['loaded_bytes'])}, sampling peak +{format_bytes(v['peak_bytes'])}")
     print(f"  ratio noisecraft/diffusers = {r['ratio']:.3f}   max |image difference| = {r['max_abs_image_diff']:.2e}")
 
 
 def cmd_tiny(args) -> dict:
     from tiny_sd import save_tiny_pipeline
     with tempfile.TemporaryDirectory() as tmp:
-        ref = save_tiny_pipeline(Path(tmp) / "sd")
-        result = run_pair(Path(tmp) / "sd", ref, args.size or 64, args.steps or 20, args.repeats)
+        save_tiny_pipeline(Path(tmp) / "sd")
+        result = compare(Path(tmp) / "sd", args.size or 64, args.steps or 20, args.repeats, args.rounds, args.threads)
     print_pair("tiny SD pipeline", result)
     return {"tiny": result}
 
@@ -123,76 +153,61 @@ def sd15_components():
     return unet.eval(), vae.eval(), text.eval()
 
 
-def cmd_full(args) -> dict:
+def save_sd15(folder: Path) -> int:
     import diffusers
     import transformers
 
     from noisecraft.models.tokenizer import CLIPTokenizer
-    from noisecraft.models.vae_tiling import tiled_decode
+    unet, vae, text = sd15_components()
+    CLIPTokenizer.from_bpe_file().save(folder / "tokenizer_src")
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(folder / "tokenizer_src")
+    scheduler = diffusers.LMSDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                               timestep_spacing="trailing")
+    ref = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
+                                            scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                            requires_safety_checker=False)
+    ref.save_pretrained(folder)
+    return sum(p.numel() for p in unet.parameters())
+
+
+def cmd_full(args) -> dict:
     size, steps = args.size or 256, args.steps or 4
     out = {}
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         folder = Path(tmp) / "sd15-random"
-        unet, vae, text = sd15_components()
-        CLIPTokenizer.from_bpe_file().save(folder / "tokenizer")
-        tokenizer = transformers.CLIPTokenizer.from_pretrained(folder / "tokenizer")
-        scheduler = diffusers.LMSDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                                   timestep_spacing="trailing")
-        ref = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
-                                                scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                                requires_safety_checker=False)
-        ref.set_progress_bar_config(disable=True)
-        ref.save_pretrained(folder)
-        params = sum(p.numel() for p in unet.parameters())
-        print(f"SD 1.5 architecture, random weights: U-Net {params / 1e6:.1f}M parameters; {torch.get_num_threads()} threads")
-        out["full"] = run_pair(folder, ref, size, steps, args.repeats, {"unet_parameters": params})
+        params = save_sd15(folder)
+        print(f"SD 1.5 architecture, random weights: U-Net {params / 1e6:.1f}M parameters")
+        out["full"] = compare(folder, size, steps, args.repeats, args.rounds, args.threads)
+        out["full"]["unet_parameters"] = params
         print_pair("SD 1.5 architecture (float32)", out["full"])
-
-        # noisecraft alone: bfloat16 weights, attention slicing; VAE decode with and without tiling.
-        z = torch.randn(1, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(0))
         variants = {}
-        for name, setup in (("float32", lambda p: p), ("bfloat16", lambda p: p.set_precision("bfloat16")),
-                            ("attention slicing 1024", lambda p: p.enable_attention_slicing(1024))):
-            pipe = setup(load_pipeline(folder))
-
-            def draw(pipe=pipe):
-                with torch.no_grad():
-                    return pipe.sample(1, prompt=PROMPT, negative_prompt=NEGATIVE, sampler="lms", steps=steps,
-                                       spacing="trailing", guidance=7.5, noise=z, height=size, width=size).images
-            draw()
-            samples = [timed(draw) for _ in range(args.repeats)]
-            variants[name] = {"median_seconds": statistics.median(s for _, s, _ in samples),
-                              "peak_bytes": max(p for _, _, p in samples)}
-            print(f"  noisecraft {name:24s} {variants[name]['median_seconds']:.3f} s/image, "
-                  f"peak +{format_bytes(variants[name]['peak_bytes'])}")
-            del pipe
+        for variant in ("bfloat16", "slicing", "tiling"):
+            report, _ = run_worker("noisecraft", folder, size, steps, args.repeats, args.threads, variant)
+            variants[variant] = {**report, "median_seconds": statistics.median(report["seconds"])}
+            print(f"  noisecraft {variant:9s} median {variants[variant]['median_seconds']:.3f} s/image, sampling peak "
+                  f"+{format_bytes(report['peak_bytes'])}")
         out["variants"] = variants
-        pipe = load_pipeline(folder)
-        big = torch.randn(1, 4, args.tile_size // 8, args.tile_size // 8, generator=torch.Generator().manual_seed(1))
-        decode = {}
-        for name, fn in (("untiled", lambda: pipe.vae.decode(big)), ("tiled 64", lambda: tiled_decode(pipe.vae, big, 64))):
-            with torch.no_grad():
-                _, seconds, peak = timed(fn)
-            decode[name] = {"seconds": seconds, "peak_bytes": peak}
-            print(f"  VAE decode {args.tile_size}×{args.tile_size} {name:9s} {seconds:.2f} s, peak +{format_bytes(peak)}")
-        out["vae_decode"] = {"size": args.tile_size, **decode}
     return out
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("part", choices=["tiny", "full"])
+    p.add_argument("part", choices=["tiny", "full", "_worker"])
     p.add_argument("--size", type=int, default=None, help="image height = width (tiny: 64, full: 256)")
     p.add_argument("--steps", type=int, default=None, help="LMS steps (tiny: 20, full: 4)")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--tile-size", type=int, default=768, help="full: image size of the VAE tiling measurement")
+    p.add_argument("--repeats", type=int, default=3, help="timed images per process")
+    p.add_argument("--rounds", type=int, default=2, help="processes per library, alternating")
     p.add_argument("--tmp", default=None, help="full: where to write the 4 GB random checkpoint (default: system temp)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--lib", default="noisecraft", help=argparse.SUPPRESS)
+    p.add_argument("--folder", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--image-out", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--variant", default="", help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.part == "_worker":
+        return worker(args)
     result = cmd_tiny(args) if args.part == "tiny" else cmd_full(args)
-    result["machine"] = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+    result["machine"] = {"cpu": platform.processor() or platform.machine(), "threads": args.threads or torch.get_num_threads(),
                          "torch": torch.__version__}
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"stable_diffusion_{args.part}.json"

@@ -29,7 +29,6 @@ from ..io.checkpoint import (existing_state_dir, load_json, load_torch, load_wei
 from ..io.csv_log import append_row
 from ..losses import diffusion_loss
 from ..models.unet import UNet
-from ..schedule import NoiseSchedule
 from .config import RunConfig
 from .batches import ClassLabels, PixelImages, TrainingBatches
 from .datasets import ImageDataset
