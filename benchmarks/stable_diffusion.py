@@ -2,6 +2,7 @@
 
     python benchmarks/stable_diffusion.py tiny            # the tiny random SD pipeline of the tests (64×64)
     python benchmarks/stable_diffusion.py full --size 256 --steps 4     # SD 1.5's real architecture, random weights
+    python benchmarks/stable_diffusion.py memory --size 512 --repeats 2  # a U-Net step at 512, a VAE decode at 1024
 
 Both libraries load the same diffusers folder (noisecraft into its own U-Net, VAE and CLIP text transformer) and
 draw the same picture: same prompt, negative prompt, LMS with trailing spacing, guidance 7.5 and starting latents
@@ -190,15 +191,68 @@ def cmd_full(args) -> dict:
     return out
 
 
+def measure(args) -> int:
+    """One measurement of noisecraft's SD 1.5 modules (random weights) in a fresh process: the U-Net at
+    --size (batch 2, as classifier-free guidance runs it), with or without attention slicing, or the VAE
+    decoder, with or without tiling. Prints JSON: seconds per call (median of --repeats after a warm-up), peak."""
+    from noisecraft.io.diffusers_unet import sd_unet_config
+    from noisecraft.models.unet import UNet
+    from noisecraft.models.vae import AutoencoderKL, VAEConfig
+    from noisecraft.models.vae_tiling import tiled_decode
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    latent = args.size // 8
+    if args.variant.startswith("unet"):
+        net = UNet(sd_unet_config("1.x")).eval()
+        if args.variant == "unet-bf16":
+            net.to(torch.bfloat16)
+        if args.variant == "unet-sliced":
+            from noisecraft.models.attention import set_attention_slicing
+            set_attention_slicing(net, 1024)
+        x, t, ctx = torch.randn(2, 4, latent, latent), torch.full((2,), 500.0), torch.randn(2, 77, 768)
+        call = lambda: net(x, t, ctx)  # noqa: E731
+    else:
+        vae = AutoencoderKL(VAEConfig(in_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+                                      layers_per_block=2, norm_groups=32)).eval()
+        z = torch.randn(1, 4, args.vae_size // 8, args.vae_size // 8)
+        call = (lambda: tiled_decode(vae, z, 64)) if args.variant == "vae-tiled" else (lambda: vae.decode(z))  # noqa: E731
+    seconds = []
+    with torch.no_grad(), PeakMemory("cpu") as memory:
+        call()
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            call()
+            seconds.append(time.perf_counter() - t0)
+    size = args.size if args.variant.startswith("unet") else args.vae_size
+    print(json.dumps({"variant": args.variant, "size": size, "seconds": seconds,
+                      "median_seconds": statistics.median(seconds), "peak_bytes": memory.peak_bytes}))
+    return 0
+
+
+def cmd_memory(args) -> dict:
+    """U-Net step and VAE decode of SD 1.5 at --size: plain, bfloat16, attention slicing, VAE tiling."""
+    out = {}
+    for variant in ("unet", "unet-sliced", "unet-bf16", "vae", "vae-tiled"):
+        cmd = [sys.executable, __file__, "_measure", "--variant", variant, "--size", str(args.size or 512),
+               "--vae-size", str(args.vae_size), "--repeats", str(args.repeats)] + (["--threads", str(args.threads)] if args.threads else [])
+        report = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+        out[variant] = report
+        print(f"  {variant:12s} {report['size']}×{report['size']}: {report['median_seconds']:.2f} s per call, peak +{format_bytes(report['peak_bytes'])} "
+              f"above the loaded weights", flush=True)
+    return {"memory": out}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("part", choices=["tiny", "full", "_worker"])
+    p.add_argument("part", choices=["tiny", "full", "memory", "_worker", "_measure"])
     p.add_argument("--size", type=int, default=None, help="image height = width (tiny: 64, full: 256)")
     p.add_argument("--steps", type=int, default=None, help="LMS steps (tiny: 20, full: 4)")
     p.add_argument("--repeats", type=int, default=3, help="timed images per process")
     p.add_argument("--rounds", type=int, default=2, help="processes per library, alternating")
     p.add_argument("--tmp", default=None, help="full: where to write the 4 GB random checkpoint (default: system temp)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--vae-size", type=int, default=1024, help="memory: image size of the VAE decode measurement")
     p.add_argument("--lib", default="noisecraft", help=argparse.SUPPRESS)
     p.add_argument("--folder", default=None, help=argparse.SUPPRESS)
     p.add_argument("--image-out", default=None, help=argparse.SUPPRESS)
@@ -206,7 +260,9 @@ def main() -> int:
     args = p.parse_args()
     if args.part == "_worker":
         return worker(args)
-    result = cmd_tiny(args) if args.part == "tiny" else cmd_full(args)
+    if args.part == "_measure":
+        return measure(args)
+    result = {"tiny": cmd_tiny, "full": cmd_full, "memory": cmd_memory}[args.part](args)
     result["machine"] = {"cpu": platform.processor() or platform.machine(), "threads": args.threads or torch.get_num_threads(),
                          "torch": torch.__version__}
     RESULTS.mkdir(exist_ok=True)

@@ -173,3 +173,37 @@ def test_class_conditional_latent_model(runs, tmp_path):
     assert pipe.config.model.num_classes == 10 and pipe.config.latent is not None
     images = pipe.sample(2, label=3, guidance=2.0, steps=2).images
     assert images.shape == (2, 1, 16, 16)
+
+
+def test_a_latent_text_run_exports_to_the_stable_diffusion_layouts(runs, tmp_path):
+    """`noisecraft convert RUN FOLDER` writes a diffusers StableDiffusionPipeline folder that diffusers runs to the
+    same picture, and that loads back (and through the single file) to the same model."""
+    diffusers = pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    from noisecraft.pipelines.stable_diffusion import load_pipeline
+    folder, single = tmp_path / "exported", tmp_path / "exported.safetensors"
+    assert main(["convert", str(runs / "ldm"), str(folder)]) == 0
+    assert main(["convert", str(runs / "ldm"), str(single)]) == 0
+    ours = DiffusionPipeline.from_run(runs / "ldm")
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    ref.scheduler = diffusers.DDIMScheduler.from_config(ref.scheduler.config, timestep_spacing="trailing",
+                                                        set_alpha_to_one=True)
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = ref(SEVEN, num_inference_steps=5, guidance_scale=3.0, latents=z.clone(), height=16, width=16,
+                       output_type="pt").images * 2 - 1
+    kw = dict(prompt=SEVEN, sampler="ddim", steps=5, spacing="trailing", guidance=3.0, noise=z)
+    got = ours.sample(1, **kw).images
+    assert got.shape == expected.shape == (1, 1, 16, 16)
+    assert (got - expected).abs().max() < 1e-4
+    for path, config in ((folder, None), (single, folder)):
+        again = load_pipeline(path, config=config).sample(1, **kw).images
+        assert (again - got).abs().max() < 1e-6, path
+    from noisecraft.pipelines.stable_diffusion import convert
+    pixel = tmp_path / "pixel"
+    assert main(["train", "--dataset", "digits", "--out", str(pixel), "--steps", "1", "--base-channels", "8",
+                 "--sample-every", "0"]) == 0
+    with pytest.raises(NoisecraftError, match="pixel-space"):
+        convert(pixel, tmp_path / "pixel-diffusers")
+    assert not (tmp_path / "pixel-diffusers").exists()

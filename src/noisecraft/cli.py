@@ -407,7 +407,7 @@ def cmd_interpolate(args) -> int:
                                     sampler=args.sampler, steps=args.steps, spacing=args.spacing,
                                     guidance=args.guidance, negative_label=args.negative_label,
                                     save_every=args.save_every or (max(1, args.steps // 25) if args.gif else 0),
-                                    **_sampler_options(args))
+                                    **_sampler_options(args), **_size_options(args))
     args.nrow = args.n                    # one row: the path from left to right
     written = _write_results(result, args)
     print(f"{args.n} images from seed {args.seeds[0]} to seed {args.seeds[1]}; wrote "

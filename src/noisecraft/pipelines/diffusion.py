@@ -457,12 +457,13 @@ class DiffusionPipeline:
                           label_b: int | None = None, prompt: str | None = None, prompt_b: str | None = None,
                           negative_prompt: str | None = None, sampler: str = "ddim", steps: int = 50,
                           guidance: float = 1.0, negative_label: int | None = None, save_every: int = 0,
-                          spacing: str = "leading", **options) -> SampleResult:
+                          spacing: str = "leading", height: int | None = None, width: int | None = None,
+                          **options) -> SampleResult:
         """n images on the path from seed_a's picture to seed_b's: slerp of the starting noise (the ends are
         exactly `sample(1, seed=seed_a)` and `seed_b`'s for deterministic samplers). With label and label_b
         the class moves too: the label embeddings are mixed linearly (soft labels), e.g. from a 3 to an 8.
         Text models do the same with prompt and prompt_b: their token embeddings are mixed linearly."""
-        shape = self.model_shape
+        shape = self.shape_for(height, width)
         if prompt_b is not None:
             if prompt is None:
                 raise NoisecraftError("prompt_b is the end of a path between two prompts; give its start with prompt.")
