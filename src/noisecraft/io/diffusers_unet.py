@@ -28,6 +28,12 @@ from ..models.unet import UNet, UNetConfig
 from .checkpoint import save_json, save_weights
 from .hf_format import load_into, read_component
 
+# UNet2DConditionModel settings that every U-Net we read or write has (SD's, and our own): SiLU, sinusoidal time
+# embedding with cos first and no frequency shift, stride-2 padded downsampling, no extra scalings or attention modes.
+WRITTEN_SETTINGS = {"act_fn": "silu", "flip_sin_to_cos": True, "freq_shift": 0, "center_input_sample": False,
+                    "downsample_padding": 1, "mid_block_scale_factor": 1, "only_cross_attention": False,
+                    "dual_cross_attention": False, "upcast_attention": False}
+
 CLASS_NAME = "UNet2DConditionModel"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
@@ -186,15 +192,7 @@ def unet_config_to_diffusers(config: UNetConfig) -> dict:
         "norm_eps": config.norm_eps,
         "resnet_time_scale_shift": "default" if config.time_conditioning == "additive" else "scale_shift",
         "dropout": config.dropout,
-        "act_fn": "silu",
-        "flip_sin_to_cos": True,
-        "freq_shift": 0,
-        "center_input_sample": False,
-        "downsample_padding": 1,
-        "mid_block_scale_factor": 1,
-        "only_cross_attention": False,
-        "dual_cross_attention": False,
-        "upcast_attention": False,
+        **WRITTEN_SETTINGS,
     }
 
 

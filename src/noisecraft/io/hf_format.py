@@ -38,19 +38,21 @@ def read_component(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
                           f"incomplete.")
 
 
+def key_mismatch(expected, got) -> str | None:
+    """"2 missing (e.g. a, b); 1 unexpected (e.g. c) keys", or None when the two key sets are equal."""
+    missing, unexpected = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+    parts = [f"{len(keys)} {what} (e.g. {', '.join(keys[:3])})"
+             for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+    return "; ".join(parts) + " keys" if parts else None
+
+
 def load_into(module: torch.nn.Module, weights: dict[str, torch.Tensor], source) -> torch.nn.Module:
     """load_state_dict(strict) with one clear sentence naming missing and unexpected keys."""
     own = module.state_dict()
-    missing = sorted(set(own) - set(weights))
-    unexpected = sorted(set(weights) - set(own))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+    mismatch = key_mismatch(own, weights)
+    if mismatch:
         raise NoisecraftError(f"the weights in {source} do not fit the model its config.json describes: "
-                              f"{'; '.join(parts)} keys; is it the right folder, or another architecture?")
+                              f"{mismatch}; is it the right folder, or another architecture?")
     shapes = [k for k in own if tuple(own[k].shape) != tuple(weights[k].shape)]
     if shapes:
         k = shapes[0]

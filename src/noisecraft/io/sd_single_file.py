@@ -27,6 +27,8 @@ import torch
 
 from ..errors import NoisecraftError
 from .checkpoint import load_torch, load_weights, save_torch, save_weights
+from .diffusers_unet import WRITTEN_SETTINGS
+from .hf_format import key_mismatch
 
 PREFIXES = {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
             "text_encoder": "cond_stage_model.transformer."}
@@ -400,15 +402,7 @@ def _infer_unet_config(sd: dict[str, torch.Tensor]) -> dict:
         "use_linear_projection": mid_attn.ndim == 2,         # SD 2.x: Linear proj_in/out; SD 1.x: 1×1 conv
         "norm_num_groups": 32,
         "norm_eps": 1e-5,
-        "act_fn": "silu",
-        "flip_sin_to_cos": True,
-        "freq_shift": 0,
-        "center_input_sample": False,
-        "downsample_padding": 1,
-        "mid_block_scale_factor": 1,
-        "only_cross_attention": False,
-        "dual_cross_attention": False,
-        "upcast_attention": False,                           # not stored; SD 2.1 sets it for fp16 safety
+        **WRITTEN_SETTINGS,                                     # upcast_attention is not stored (SD 2.1 sets it)
         # LDM's use_scale_shift_norm doubles the time projection (FiLM scale and shift)
         "resnet_time_scale_shift": "scale_shift" if time_proj == 2 * channels[0] else "default",
     }
@@ -526,15 +520,9 @@ def _text_key(key: str) -> str:
 def _translate(sd: dict[str, torch.Tensor], key_map: dict[str, str], part: str,
                source: str = "the architecture their shapes describe") -> dict[str, torch.Tensor]:
     """Rename sd's keys by key_map (old -> new), insisting that both sides match exactly."""
-    missing = sorted(set(key_map) - set(sd))
-    unexpected = sorted(set(sd) - set(key_map))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
-        raise NoisecraftError(f"the {part} weights do not fit {source}: {'; '.join(parts)} keys; it is not a "
+    mismatch = key_mismatch(key_map, sd)
+    if mismatch:
+        raise NoisecraftError(f"the {part} weights do not fit {source}: {mismatch}; it is not a "
                               f"Stable Diffusion {part} this converter knows.")
     return {key_map[k]: v for k, v in sd.items()}
 
