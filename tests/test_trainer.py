@@ -285,7 +285,7 @@ def test_leftover_tmp_state_is_ignored_and_cleaned(few_digits, tmp_path):
 
 
 def test_nan_loss_raises_training_diverged_and_keeps_the_last_checkpoint(few_digits, tmp_path, monkeypatch):
-    real_loss = trainer_module.diffusion_loss
+    real_loss = trainer_module.training_loss
     calls = []
 
     def loss_that_explodes_at_step_5(*args, **kwargs):
@@ -296,7 +296,7 @@ def test_nan_loss_raises_training_diverged_and_keeps_the_last_checkpoint(few_dig
     config = make_config(steps=10, checkpoint_every=2)
     run = tmp_path / "run"
     trainer = quiet(config, few_digits, run)
-    monkeypatch.setattr(trainer_module, "diffusion_loss", loss_that_explodes_at_step_5)
+    monkeypatch.setattr(trainer_module, "training_loss", loss_that_explodes_at_step_5)
     with pytest.raises(TrainingDiverged, match="at step 6") as info:
         trainer.fit()
     assert issubclass(TrainingDiverged, NoisecraftError)

@@ -2,6 +2,7 @@
 
     noisecraft demo                      forward strip, a small model trained on bundled digits, grid + GIF
     noisecraft train --dataset mnist --out runs/mnist [--conditional] [--steps N | --minutes M] [--resume RUN]
+    noisecraft train --dataset mnist --out runs/iddpm --learn-sigma [--loss hybrid|vlb] [--timestep-sampling importance]
     noisecraft train-vae --dataset mnist --out runs/vae            the autoencoder of latent diffusion
     noisecraft train-clip --dataset mnist --out runs/clip          a CLIP-style text encoder (contrastive)
     noisecraft train --dataset mnist --latent runs/vae --text-encoder runs/clip --out runs/ldm
@@ -79,7 +80,10 @@ def _build_config(args, dataset):
         model["channel_mults"] = tuple(int(m) for m in args.channel_mults.split(","))
     if args.attention_levels is not None:
         model["attention_levels"] = tuple(int(a) for a in args.attention_levels.split(",") if a.strip())
-    diffusion = dict(schedule=args.schedule, prediction=args.prediction, min_snr_gamma=args.min_snr_gamma)
+    diffusion = dict(schedule=args.schedule, prediction=args.prediction, min_snr_gamma=args.min_snr_gamma,
+                     learn_sigma=True if args.learn_sigma else None, vlb_weight=args.vlb_weight,
+                     timestep_sampling=args.timestep_sampling,
+                     loss=args.loss or ("hybrid" if args.learn_sigma else None))   # --learn-sigma alone: hybrid
     train = {k: getattr(args, k) for k in ("batch_size", "lr", "ema_decay", "warmup_steps", "steps", "minutes",
                                            "seed", "label_dropout", "sample_every", "checkpoint_every")}
     latent, text = None, None
@@ -579,6 +583,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--schedule", default=None, help="linear | scaled_linear | cosine")
     t.add_argument("--prediction", default=None, help="eps | x0 | v")
     t.add_argument("--min-snr-gamma", type=float, default=None, help="Min-SNR loss weighting (0 turns it off)")
+    t.add_argument("--learn-sigma", action="store_true",
+                   help="learn the reverse variance too (improved DDPM); trains with --loss hybrid unless told")
+    t.add_argument("--loss", default=None, help="simple | hybrid (L_simple + λ·L_vlb, with --learn-sigma) | vlb")
+    t.add_argument("--vlb-weight", type=float, default=None, help="λ of the hybrid loss (default 0.001)")
+    t.add_argument("--timestep-sampling", default=None,
+                   help="uniform | importance (t ∝ sqrt(E[L_t²]) after warm-up, for --loss vlb)")
     t.add_argument("--base-channels", type=int, default=None)
     t.add_argument("--channel-mults", default=None, help="e.g. 1,2,2")
     t.add_argument("--num-res-blocks", type=int, default=None)
@@ -713,10 +723,13 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--out", default=None)
     v.set_defaults(func=cmd_viz)
 
-    from .commands import clip, sd, vae
+    from .commands import clip, evaluate, run_eval, sd, vae, vdm
     vae.add_parsers(sub)
     clip.add_parsers(sub)
     sd.add_parsers(sub)
+    evaluate.add_parsers(sub)
+    run_eval.add_parsers(sub)
+    vdm.add_parsers(sub)
     return p
 
 

@@ -13,8 +13,10 @@ from typing import Any
 
 from ..denoiser import check_prediction_type
 from ..errors import NoisecraftError
+from ..losses import LOSSES
 from ..models.unet import UNetConfig
 from ..schedule import BETA_SCHEDULES, NoiseSchedule
+from .timestep_sampler import TIMESTEP_SAMPLING
 
 CONFIG_VERSION = 1
 DEFAULT_MINUTES = 20.0   # the training budget when neither steps nor minutes is given
@@ -54,6 +56,10 @@ class DiffusionConfig:
     clip_x0: bool = True   # clamp x̂0 to the data range while sampling
     beta_start: float | None = None   # None: the schedule's own default (linear 1e-4, scaled_linear 0.00085)
     beta_end: float | None = None     # None: linear 0.02, scaled_linear 0.012
+    learn_sigma: bool = False         # improved DDPM: the U-Net also outputs the reverse variance (2C channels)
+    loss: str = "simple"              # "simple" (L_simple), "hybrid" (L_simple + λ·L_vlb) or "vlb"
+    vlb_weight: float = 0.001         # λ of the hybrid loss
+    timestep_sampling: str = "uniform"   # "uniform" or "importance" (p_t ∝ sqrt(E[L_t²]), for loss "vlb")
 
     def __post_init__(self):
         if self.schedule not in BETA_SCHEDULES:
@@ -63,6 +69,20 @@ class DiffusionConfig:
         _check_number("diffusion", "min_snr_gamma", self.min_snr_gamma, lo=0, allow_none=True)
         _check_number("diffusion", "beta_start", self.beta_start, lo=0, hi=1, allow_none=True)
         _check_number("diffusion", "beta_end", self.beta_end, lo=0, hi=1, allow_none=True)
+        if not isinstance(self.learn_sigma, bool):
+            raise NoisecraftError(f"diffusion.learn_sigma must be true or false, got {self.learn_sigma!r}.")
+        if self.loss not in LOSSES:
+            raise NoisecraftError(f"unknown loss {self.loss!r}; choose one of {', '.join(LOSSES)}.")
+        _check_number("diffusion", "vlb_weight", self.vlb_weight, lo=0)
+        if self.timestep_sampling not in TIMESTEP_SAMPLING:
+            raise NoisecraftError(f"unknown timestep sampling {self.timestep_sampling!r}; choose one of "
+                                  f"{', '.join(TIMESTEP_SAMPLING)}.")
+        if self.learn_sigma and self.loss == "simple":
+            raise NoisecraftError("a learned variance is trained only by the bound: use loss 'hybrid' or 'vlb' "
+                                  "with learn_sigma (--loss hybrid).")
+        if self.loss == "hybrid" and not self.learn_sigma:
+            raise NoisecraftError("the hybrid loss trains a learned variance, so it needs learn_sigma "
+                                  "(--learn-sigma); use loss 'simple' or 'vlb' without it.")
 
     def make_schedule(self) -> NoiseSchedule:
         return NoiseSchedule.create(self.schedule, self.T, self.beta_start, self.beta_end)
@@ -148,6 +168,12 @@ class RunConfig:
     latent: LatentConfig | None = None
     text: TextConfig | None = None
 
+    def __post_init__(self):
+        c = self.model.in_channels
+        if self.diffusion.learn_sigma and self.model.out_channels != 2 * c:
+            raise NoisecraftError(f"learn_sigma needs a U-Net with out_channels = 2 × in_channels = {2 * c}, got "
+                                  f"{self.model.out_channels}; set model.out_channels to {2 * c}.")
+
     @property
     def model_shape(self) -> tuple[int, int, int]:
         """The shape the U-Net denoises: the image's, or the latent's in a latent run."""
@@ -232,6 +258,8 @@ def make_run_config(dataset, conditional: bool = False, model: dict | None = Non
         base = default_model_config(tuple(dataset.image_shape), num_classes)
         base.context_dim = context_dim
     model_kw = {**base.to_dict(), **drop_none(model)}
+    if (diffusion or {}).get("learn_sigma"):     # improved DDPM: C more output channels for the variance
+        model_kw["out_channels"] = 2 * model_kw["in_channels"]
     if model and model.get("channel_mults") and not model.get("attention_levels"):
         model_kw["attention_levels"] = (len(model_kw["channel_mults"]) - 1,)
     train_kw = drop_none(train)

@@ -5,13 +5,18 @@ Run directory layout (one self-describing folder):
     config.json          everything needed to rebuild the model and schedule (RunConfig)
     model.safetensors    EMA weights, what sampling uses
     state/               exact-resume state: model.safetensors (raw weights), ema.safetensors,
-                         optimizer.pt (weights-only torch file), trainer.json (step, time), rng.safetensors
+                         optimizer.pt (weights-only torch file), trainer.json (step, time), rng.safetensors,
+                         timestep_sampler.safetensors (loss history, with importance sampling of t only)
     log.csv              step, loss, lr, images_per_s, elapsed_s
     samples/             sample grids written during training
 
 Determinism: the data order depends only on (seed, step) — epoch e uses permutation seed·1000003 + e — and
 the noise, t and label dropout come from one generator whose state is checkpointed with the global RNG
-(dropout). So on CPU, N steps + resume + N steps reproduce 2N steps straight, bit for bit.
+(dropout), as is the loss history that importance sampling of t draws on. So on CPU, N steps + resume + N steps
+reproduce 2N steps straight, bit for bit.
+
+The loss is DDPM's L_simple, or with a learned variance (improved DDPM) the hybrid L_simple + λ·L_vlb or the bound
+L_vlb itself (losses.training_loss); t is uniform or importance sampled (timestep_sampler.py).
 """
 
 from __future__ import annotations
@@ -27,12 +32,13 @@ from ..errors import NoisecraftError
 from ..io.checkpoint import (existing_state_dir, load_json, load_torch, load_weights, replace_dir, save_json,
                              save_torch, save_weights)
 from ..io.csv_log import append_row
-from ..losses import diffusion_loss
+from ..losses import training_loss
 from ..models.unet import UNet
 from .config import RunConfig
 from .batches import ClassLabels, PixelImages, TrainingBatches
 from .datasets import ImageDataset
 from .ema import EMA
+from .timestep_sampler import TimestepSampler
 
 LOG_HEADER = ["step", "loss", "lr", "images_per_s", "elapsed_s"]
 
@@ -59,6 +65,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.train.lr,
                                            weight_decay=config.train.weight_decay)
         self.generator = torch.Generator("cpu").manual_seed(config.train.seed)
+        self.timestep_sampler = TimestepSampler(self.schedule.T, d.timestep_sampling)
         self.step = 0
         self.elapsed_before = 0.0     # training seconds spent by earlier invocations
         self._perm_epoch, self._perm = -1, None
@@ -102,16 +109,20 @@ class Trainer:
         x0, cond = self.batches.batch(self.batch_indices(self.step), g, cfg.train.label_dropout)
         x0 = x0.to(self.device)
         cond = None if cond is None else cond.to(self.device)
-        n = x0.shape[0]
-        t = torch.randint(0, self.schedule.T, (n,), generator=g)
+        n, d = x0.shape[0], cfg.diffusion
+        t, weights = self.timestep_sampler.sample(n, g)
         noise = torch.randn(x0.shape, generator=g)
         self.model.train()
-        loss = diffusion_loss(self.model, self.schedule, x0, t.to(self.device), noise.to(self.device), cond,
-                              cfg.diffusion.prediction, cfg.diffusion.min_snr_gamma).mean()
+        per_example = training_loss(self.model, self.schedule, x0, t.to(self.device), noise.to(self.device), cond,
+                                    prediction=d.prediction, min_snr_gamma=d.min_snr_gamma, learn_sigma=d.learn_sigma,
+                                    loss=d.loss, vlb_weight=d.vlb_weight,
+                                    continuous_decoder=cfg.latent is not None)   # latents are not 8-bit pixels
+        loss = (per_example * weights.to(self.device, per_example.dtype)).mean()
         if not torch.isfinite(loss):
             raise TrainingDiverged(
                 f"the loss became {loss.item()} at step {self.step + 1}; the last good checkpoint in {self.out_dir} "
                 f"is kept — resume with a lower --lr.")
+        self.timestep_sampler.update(t, per_example.detach())
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
         self.optimizer.zero_grad(set_to_none=True)
@@ -140,6 +151,8 @@ class Trainer:
         save_torch(self.optimizer.state_dict(), tmp / "optimizer.pt")
         save_weights({"generator": self.generator.get_state(), "torch_global": torch.get_rng_state()},
                      tmp / "rng.safetensors")
+        if self.timestep_sampler.kind != "uniform":
+            save_weights(self.timestep_sampler.state_dict(), tmp / "timestep_sampler.safetensors")
         save_json({"step": self.step, "elapsed_s": self.elapsed_before + self._elapsed()}, tmp / "trainer.json")
         save_json({"step": self.step}, tmp / "COMPLETE")   # written last: marks the folder as whole
         replace_dir(tmp, out / "state")
@@ -160,6 +173,11 @@ class Trainer:
         rng = load_weights(state / "rng.safetensors")
         self.generator.set_state(rng["generator"])
         torch.set_rng_state(rng["torch_global"])
+        if self.timestep_sampler.kind != "uniform":
+            if not (state / "timestep_sampler.safetensors").exists():
+                raise NoisecraftError(f"{state} lacks timestep_sampler.safetensors, which importance sampling of t "
+                                      f"needs to resume exactly; the run directory is inconsistent.")
+            self.timestep_sampler.load_state_dict(load_weights(state / "timestep_sampler.safetensors"))
         info = load_json(state / "trainer.json")
         self.step, self.elapsed_before = int(info["step"]), float(info["elapsed_s"])
 

@@ -1,0 +1,380 @@
+"""Training and evaluating Variational Diffusion Models (models/vdm.py) on the continuous-time bound in bits/dim.
+
+Each step draws a batch of 8-bit images, computes the bound per image (diffusion + prior + reconstruction, bits/dim)
+and backpropagates its mean: the U-Net and the schedule's endpoints γ_0, γ_1 follow the gradient of the bound,
+the schedule network the gradient of the diffusion loss's second moment (variance minimisation, VDM appendix I.2;
+the hook lives in VDM.loss). AdamW with warm-up; gradients are clipped separately for the schedule network, whose
+variance gradient is larger than the rest by a factor of about 2·L.
+
+Run directory (like `noisecraft train`'s):
+
+    config.json          {"kind": "vdm", "version", "model": UNetConfig, "vdm": VDMConfig, "train", "data"}
+    model.safetensors    EMA weights of the whole VDM (U-Net and schedule), what sampling and evaluation use
+    state/               exact-resume state: model.safetensors, ema.safetensors, optimizer.pt (weights-only),
+                         rng.safetensors, trainer.json, COMPLETE (written last); swapped in atomically
+    log.csv              step, bpd, diffusion, prior, reconstruction (bits/dim), gamma_0, gamma_1, lr,
+                         images_per_s, elapsed_s
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import NoisecraftError
+from ..io.checkpoint import (existing_state_dir, load_json, load_torch, load_weights, replace_dir, save_json,
+                             save_torch, save_weights)
+from ..io.csv_log import append_row
+from ..models.unet import UNetConfig
+from ..models.vdm import VDM, VDMConfig
+from ..settings import settings_from_dict
+from .config import _check_number, default_model_config
+from .datasets import ImageDataset
+from .ema import EMA
+from .trainer import TrainingDiverged
+
+KIND = "vdm"
+CONFIG_VERSION = 1
+DEFAULT_VDM_MINUTES = 20.0
+LOG_HEADER = ["step", "bpd", "diffusion", "prior", "reconstruction", "gamma_0", "gamma_1", "lr", "images_per_s",
+              "elapsed_s"]
+
+
+@dataclass
+class VDMTrainConfig:
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup_steps: int = 200
+    grad_clip: float = 1.0            # per group: (U-Net + endpoints) and (schedule network); 0 switches it off
+    ema_decay: float = 0.999
+    steps: int | None = None          # budget: total steps and/or minutes of this invocation, whichever ends first
+    minutes: float | None = None
+    seed: int = 0
+    log_every: int = 1                # a CSV row every N steps (averaged over them); 0: none
+    checkpoint_every: int = 500       # 0: only at the end
+
+    def __post_init__(self):
+        s = "vdm train"
+        _check_number(s, "batch_size", self.batch_size, lo=1, integer=True)
+        _check_number(s, "lr", self.lr, lo=0)
+        _check_number(s, "warmup_steps", self.warmup_steps, lo=0, integer=True)
+        _check_number(s, "grad_clip", self.grad_clip, lo=0)
+        _check_number(s, "ema_decay", self.ema_decay, lo=0, hi=1)
+        _check_number(s, "steps", self.steps, lo=1, integer=True, allow_none=True)
+        _check_number(s, "minutes", self.minutes, lo=0, allow_none=True)
+        _check_number(s, "seed", self.seed, lo=0, integer=True)
+        _check_number(s, "log_every", self.log_every, lo=0, integer=True)
+        _check_number(s, "checkpoint_every", self.checkpoint_every, lo=0, integer=True)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "VDMTrainConfig":
+        return settings_from_dict(cls, data, "VDM training")
+
+
+class VDMTrainer:
+    """Trains a VDM on an ImageDataset into a run directory; `fit()` runs until the step or time budget."""
+
+    def __init__(self, unet: UNetConfig, vdm: VDMConfig, train: VDMTrainConfig, dataset: ImageDataset,
+                 out_dir: str | Path, device: str = "cpu", progress: bool = True):
+        self.config = train
+        self.dataset = dataset
+        self.out_dir = Path(out_dir)
+        self.device = torch.device(device)
+        self.progress = progress
+        if tuple(dataset.image_shape) != tuple(vdm.image_shape):
+            raise NoisecraftError(f"dataset images have shape {tuple(dataset.image_shape)} but the model expects "
+                                  f"{tuple(vdm.image_shape)}; use the same dataset and --image-size as the run.")
+        if len(dataset) < train.batch_size:
+            raise NoisecraftError(f"the dataset has {len(dataset)} images, fewer than the batch size "
+                                  f"{train.batch_size}; lower --batch-size.")
+        torch.manual_seed(train.seed)                 # the same initial weights for the same seed
+        self.model = VDM(unet, vdm).to(self.device)
+        self.ema = EMA(self.model, train.ema_decay)
+        schedule_net = self.model.schedule.network_parameters()
+        ids = {id(p) for p in schedule_net}
+        self.main_params = [p for p in self.model.parameters() if id(p) not in ids]
+        self.schedule_params = schedule_net
+        self.optimizer = torch.optim.AdamW([{"params": self.main_params}, {"params": self.schedule_params}],
+                                           lr=train.lr, weight_decay=0.0)
+        self.generator = torch.Generator("cpu").manual_seed(train.seed)
+        self.step = 0
+        self.elapsed_before = 0.0
+        self._perm_epoch, self._perm = -1, None
+        self._t0 = None
+
+    # --- data and one step ----------------------------------------------------------------------
+
+    def batch_indices(self, step: int) -> torch.Tensor:
+        """Consecutive slices of a per-epoch permutation (drop last), as in the diffusion Trainer."""
+        bs = self.config.batch_size
+        epoch, i = divmod(step, len(self.dataset) // bs)
+        if epoch != self._perm_epoch:
+            g = torch.Generator("cpu").manual_seed(self.config.seed * 1000003 + epoch)
+            self._perm, self._perm_epoch = torch.randperm(len(self.dataset), generator=g), epoch
+        return self._perm[i * bs:(i + 1) * bs]
+
+    def lr_at(self, step: int) -> float:
+        warmup = self.config.warmup_steps
+        return self.config.lr * min(1.0, (step + 1) / warmup) if warmup else self.config.lr
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step; returns the batch means of the bound and its parts (bits/dim)."""
+        cfg = self.config
+        x = self.dataset.images[self.batch_indices(self.step)]          # uint8: the exact 8-bit levels
+        self.model.train()
+        terms = self.model.loss(x, self.generator)
+        loss = terms.total.mean()
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(
+                f"the bound became {loss.item()} at step {self.step + 1}; the last good checkpoint in "
+                f"{self.out_dir} is kept — resume with a lower --lr.")
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(self.step)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.main_params, cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.schedule_params, cfg.grad_clip)
+        self.optimizer.step()
+        self.ema.update(self.model, self.step)
+        self.step += 1
+        return {name: float(value.detach().mean()) for name, value in terms._asdict().items()}
+
+    # --- checkpoints --------------------------------------------------------------------------
+
+    def run_config(self) -> dict:
+        return {"kind": KIND, "version": CONFIG_VERSION, "model": self.model.unet_config.to_dict(),
+                "vdm": self.model.config.to_dict(), "train": asdict(self.config),
+                "data": {"dataset": self.dataset.name, "image_shape": list(self.dataset.image_shape)}}
+
+    def save_checkpoint(self) -> None:
+        """The exact-resume state as a whole folder swapped in atomically, then the EMA weights."""
+        out = self.out_dir
+        out.mkdir(parents=True, exist_ok=True)
+        save_json(self.run_config(), out / "config.json")
+        tmp = out / "state.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        save_weights(self.model.state_dict(), tmp / "model.safetensors")
+        save_weights(self.ema.state_dict(), tmp / "ema.safetensors")
+        save_torch(self.optimizer.state_dict(), tmp / "optimizer.pt")
+        save_weights({"generator": self.generator.get_state(), "torch_global": torch.get_rng_state()},
+                     tmp / "rng.safetensors")
+        save_json({"step": self.step, "elapsed_s": self.elapsed_before + self._elapsed()}, tmp / "trainer.json")
+        save_json({"step": self.step}, tmp / "COMPLETE")
+        replace_dir(tmp, out / "state")
+        save_weights(self.ema.state_dict(), out / "model.safetensors",
+                     metadata={"step": str(self.step), "weights": "ema", "kind": KIND})
+
+    def load_checkpoint(self) -> None:
+        state = existing_state_dir(self.out_dir / "state")
+        if state is None:
+            raise NoisecraftError(f"{self.out_dir} holds no complete training state to resume from; "
+                                  f"start a new run in another --out folder.")
+        try:
+            self.model.load_state_dict(load_weights(state / "model.safetensors"))
+            self.ema.load_state_dict(load_weights(state / "ema.safetensors"))
+            self.optimizer.load_state_dict(load_torch(state / "optimizer.pt"))
+        except (RuntimeError, ValueError) as e:
+            raise NoisecraftError(f"the weights in {state} do not fit the model in config.json ({str(e)[:200]}); "
+                                  f"the run directory is inconsistent.") from None
+        rng = load_weights(state / "rng.safetensors")
+        self.generator.set_state(rng["generator"])
+        torch.set_rng_state(rng["torch_global"])
+        info = load_json(state / "trainer.json")
+        self.step, self.elapsed_before = int(info["step"]), float(info["elapsed_s"])
+
+    # --- the loop -----------------------------------------------------------------------------
+
+    def _elapsed(self) -> float:
+        return 0.0 if self._t0 is None else time.perf_counter() - self._t0
+
+    def fit(self) -> dict:
+        """Train until `steps` total steps or `minutes` of this invocation; returns a summary with the mean bound
+        of the last logged steps ("bpd"), "steps", "seconds", "seconds_per_step", "gamma_0" and "gamma_1"."""
+        cfg = self.config
+        if cfg.steps is None and cfg.minutes is None:
+            raise NoisecraftError("give a training budget: --steps N or --minutes M.")
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        deadline = None if cfg.minutes is None else cfg.minutes * 60.0
+        start_step = self.step
+        self._t0 = time.perf_counter()
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True)
+        window, window_t0, window_step = [], time.perf_counter(), self.step
+        recent: list[float] = []
+        try:
+            while (cfg.steps is None or self.step < cfg.steps) and (deadline is None or self._elapsed() < deadline):
+                terms = self.train_step()
+                window.append(terms)
+                recent = (recent + [terms["total"]])[-50:]
+                bar.update(1)
+                if cfg.log_every and self.step % cfg.log_every == 0:
+                    now = time.perf_counter()
+                    ips = (self.step - window_step) * cfg.batch_size / max(now - window_t0, 1e-9)
+                    mean = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
+                    sched = self.model.schedule
+                    append_row(self.out_dir / "log.csv", LOG_HEADER, [
+                        self.step, *(f"{mean[k]:.5f}" for k in ("total", "diffusion", "prior", "reconstruction")),
+                        f"{sched.gamma_0.item():.4f}", f"{sched.gamma_1.item():.4f}",
+                        f"{self.lr_at(self.step - 1):.3g}", f"{ips:.1f}",
+                        f"{self.elapsed_before + self._elapsed():.1f}"])
+                    bar.set_postfix(bpd=f"{sum(recent) / len(recent):.3f}", img_s=f"{ips:.0f}")
+                    window, window_t0, window_step = [], now, self.step
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                    self.save_checkpoint()
+        except KeyboardInterrupt:
+            bar.write("interrupted: saving a checkpoint so that training can resume from here")
+        finally:
+            bar.close()
+        seconds = self._elapsed()
+        self.save_checkpoint()
+        done = self.step - start_step
+        return {"steps": self.step, "steps_this_run": done, "bpd": sum(recent) / len(recent) if recent else math.nan,
+                "seconds": seconds, "seconds_per_step": seconds / max(done, 1),
+                "gamma_0": self.model.schedule.gamma_0.item(), "gamma_1": self.model.schedule.gamma_1.item()}
+
+
+# --- the API ----------------------------------------------------------------------------------------
+
+def _unet_config(unet, image_shape) -> UNetConfig:
+    if unet is None:
+        return default_model_config(tuple(image_shape))
+    if isinstance(unet, UNetConfig):
+        return unet
+    if isinstance(unet, dict):
+        base = default_model_config(tuple(image_shape)).to_dict()
+        base.update({k: v for k, v in unet.items() if v is not None})
+        if unet.get("channel_mults") and unet.get("attention_levels") is None:
+            base["attention_levels"] = (len(base["channel_mults"]) - 1,)
+        return UNetConfig.from_dict(base)
+    raise NoisecraftError(f"unet must be a UNetConfig, a dict of its settings or None, got {type(unet).__name__}.")
+
+
+def read_run_config(run_dir: str | Path) -> dict:
+    """config.json of a VDM run, checked to be one."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise NoisecraftError(f"{run_dir} is not a VDM run directory (no config.json); pass the folder given to "
+                              f"`noisecraft train-vdm --out`.")
+    config = load_json(run_dir / "config.json")
+    if not isinstance(config, dict) or config.get("kind") != KIND:
+        kind = config.get("kind", "a diffusion model") if isinstance(config, dict) else "not a run"
+        raise NoisecraftError(f"{run_dir} holds {kind}, not a variational diffusion model; pass a run made by "
+                              f"`noisecraft train-vdm`.")
+    missing = [k for k in ("model", "vdm", "train", "data") if k not in config]
+    if missing:
+        raise NoisecraftError(f"{run_dir / 'config.json'} lacks the sections {missing}; restore it or retrain.")
+    return config
+
+
+def train_vdm(dataset: ImageDataset, out_dir: str | Path, *, minutes: float | None = None, steps: int | None = None,
+              batch_size: int = 64, lr: float = 1e-3, unet: UNetConfig | dict | None = None,
+              fourier: tuple[int, ...] = (7, 8), seed: int = 0, progress: bool = True, device: str = "cpu",
+              resume: bool = False, **options) -> dict:
+    """Train a VDM on `dataset` into `out_dir` and return the summary of `VDMTrainer.fit`.
+
+    `unet`: None (the default U-Net for the image size, as `noisecraft train` uses), a UNetConfig, or a dict of
+    settings overriding the default. `fourier`: the exponents n of the sin/cos(2^n·π·z) input features, () for none.
+    `options`: further VDMTrainConfig fields (warmup_steps, grad_clip, ema_decay, log_every, checkpoint_every) and
+    VDMConfig fields (gamma_min, gamma_max, schedule_features, variance_minimisation).
+    `resume=True` continues the run in out_dir (its model settings win; the budget comes from minutes/steps).
+    """
+    out = Path(out_dir)
+    train_fields = {"warmup_steps", "grad_clip", "ema_decay", "log_every", "checkpoint_every"}
+    vdm_fields = {"gamma_min", "gamma_max", "schedule_features", "variance_minimisation"}
+    unknown = sorted(set(options) - train_fields - vdm_fields)
+    if unknown:
+        raise NoisecraftError(f"unknown VDM training options {unknown}; known: {sorted(train_fields | vdm_fields)}.")
+    if resume:
+        config = read_run_config(out)
+        try:
+            unet_config = UNetConfig.from_dict(config["model"])
+            vdm_config = VDMConfig.from_dict(config["vdm"])
+            train_config = VDMTrainConfig.from_dict(config["train"])
+        except TypeError as e:
+            raise NoisecraftError(f"{out / 'config.json'} is invalid ({e}); restore it or retrain.") from None
+        train_config = replace(train_config, steps=steps, minutes=minutes,
+                               **{k: v for k, v in options.items() if k in train_fields})
+        trainer = VDMTrainer(unet_config, vdm_config, train_config, dataset, out, device, progress)
+        trainer.load_checkpoint()
+        return trainer.fit()
+    if (out / "config.json").exists() or (out / "model.safetensors").exists():
+        raise NoisecraftError(f"{out} already holds a run; choose another output folder, delete it, or resume it.")
+    if steps is None and minutes is None:
+        minutes = DEFAULT_VDM_MINUTES
+    unet_config = _unet_config(unet, dataset.image_shape)
+    vdm_config = VDMConfig(image_shape=tuple(dataset.image_shape), fourier_exponents=tuple(fourier),
+                           **{k: v for k, v in options.items() if k in vdm_fields})
+    train_config = VDMTrainConfig(batch_size=batch_size, lr=lr, steps=steps, minutes=minutes, seed=seed,
+                                  **{k: v for k, v in options.items() if k in train_fields})
+    return VDMTrainer(unet_config, vdm_config, train_config, dataset, out, device, progress).fit()
+
+
+def load_vdm(run_dir: str | Path, device: str = "cpu") -> tuple[VDM, dict]:
+    """(VDM with the EMA weights, in eval mode; the run's config dict) from a `noisecraft train-vdm` run."""
+    run_dir = Path(run_dir)
+    config = read_run_config(run_dir)
+    try:
+        model = VDM(UNetConfig.from_dict(config["model"]), VDMConfig.from_dict(config["vdm"]))
+    except TypeError as e:
+        raise NoisecraftError(f"{run_dir / 'config.json'} is invalid ({e}); restore it or retrain.") from None
+    try:
+        model.load_state_dict(load_weights(run_dir / "model.safetensors"))
+    except RuntimeError as e:
+        raise NoisecraftError(f"the weights in {run_dir / 'model.safetensors'} do not fit the model in config.json "
+                              f"({str(e)[:200]}); the run directory is inconsistent.") from None
+    return model.to(device).eval(), config
+
+
+def _uint8_images(images) -> torch.Tensor:
+    if isinstance(images, ImageDataset):
+        return images.images
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(images)
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8:
+        raise NoisecraftError("vdm_bits_per_dim takes uint8 images (an ImageDataset, a tensor or a numpy array); "
+                              "convert float images with (x + 1) * 127.5 rounded.")
+    return images
+
+
+@torch.no_grad()
+def vdm_bits_per_dim(model: VDM, images, batch_size: int = 250, repeats: int = 1,
+                     generator: torch.Generator | None = None) -> dict:
+    """The bound in bits/dim on a set of 8-bit images: {"mean", "stderr", "per_image", "diffusion", "prior",
+    "reconstruction", "n", "repeats"}.
+
+    Each image's value is the mean of `repeats` independent one-sample estimates of its bound (t, ε and the ε_0 of
+    the reconstruction drawn afresh); "stderr" is the standard error of the mean over images, which covers both the
+    spread of the data and the noise of the estimator. The parts are means over images and repeats.
+    """
+    data = _uint8_images(images)
+    if len(data) == 0:
+        raise NoisecraftError("vdm_bits_per_dim got no images; pass at least one.")
+    if not isinstance(repeats, int) or repeats < 1:
+        raise NoisecraftError(f"repeats must be a positive integer, got {repeats!r}.")
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    was_training = model.training
+    model.eval()
+    totals, parts = torch.zeros(len(data), dtype=torch.float64), {"diffusion": 0.0, "prior": 0.0, "reconstruction": 0.0}
+    try:
+        for _ in range(repeats):
+            for start in range(0, len(data), batch_size):
+                terms = model.loss(data[start:start + batch_size], generator)
+                totals[start:start + batch_size] += terms.total.double().cpu()
+                for k in parts:
+                    parts[k] += float(getattr(terms, k).double().sum())
+    finally:
+        model.train(was_training)
+    per_image = totals / repeats
+    n = len(per_image)
+    stderr = float(per_image.std(unbiased=True) / math.sqrt(n)) if n > 1 else math.nan
+    return {"mean": float(per_image.mean()), "stderr": stderr, "per_image": per_image.float(), "n": n,
+            "repeats": repeats, **{k: v / (n * repeats) for k, v in parts.items()}}
