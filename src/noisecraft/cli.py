@@ -628,7 +628,8 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--karras", action="store_true", help="Karras et al. (EDM) sigma spacing instead of --spacing")
         q.add_argument("--eta", type=float, default=None,
                        help="noise of ddim, euler_ancestral, dpmpp_2m_sde (0: deterministic)")
-        q.add_argument("--variance", default=None, help="DDPM variance: small (posterior) | large (beta) | learned (models trained with --learn-sigma, their default)")
+        q.add_argument("--variance", default=None,
+                       help="DDPM variance: small (posterior) | large (beta) | learned (--learn-sigma models' default)")
         q.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale w (1 = none)")
         q.add_argument("--negative-label", type=int, default=None,
                        help="with --guidance w > 1: steer away from this class (it replaces the null label)")
