@@ -20,13 +20,10 @@ from ..errors import NoisecraftError
 
 def _test_images(config, args, n: int):
     from ..training.datasets import load_dataset
-    c, h, w = config.data.image_shape
-    data = load_dataset(config.data.dataset, split=args.split, data_dir=args.data_dir, image_size=h)
-    images = torch.as_tensor(data.images[:n])                          # uint8 N×H×W×C or N×C×H×W
-    if images.shape[-1] == c and images.shape[1] != c:
-        images = images.permute(0, 3, 1, 2)
-    labels = torch.as_tensor(data.labels[:n]).long() if getattr(data, "labels", None) is not None else None
-    return data, images.contiguous(), labels
+    data = load_dataset(config.data.dataset, split=args.split, data_dir=args.data_dir,
+                        image_size=config.data.image_shape[1])
+    labels = data.labels[:n].long() if data.labels is not None else None
+    return data, data.images[:n], labels                                 # uint8 N×C×H×W
 
 
 def _summary(values: torch.Tensor) -> dict:

@@ -142,3 +142,17 @@ def existing_state_dir(final_dir: Path) -> Path | None:
     if (old / "COMPLETE").exists():
         return old
     return None
+
+
+def load_kind_config(run_dir: str | Path, kind: str, what: str, command: str) -> dict:
+    """config.json of a run directory written by `noisecraft COMMAND`, checked to declare {"kind": kind};
+    `what` names such a run in the error sentences ("an autoencoder")."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise NoisecraftError(f"{run_dir} is not {what} run directory (no config.json); pass the folder given to "
+                              f"`noisecraft {command} --out`.")
+    config = load_json(run_dir / "config.json")
+    if not isinstance(config, dict) or config.get("kind") != kind:
+        found = config.get("kind", "a diffusion model") if isinstance(config, dict) else "not a run"
+        raise NoisecraftError(f"{run_dir} holds {found}, not {what}; pass a run made by `noisecraft {command}`.")
+    return config

@@ -29,8 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import NoisecraftError
-from ..io.checkpoint import (existing_state_dir, load_json, load_torch, load_weights, replace_dir, save_json,
-                             save_torch, save_weights)
+from ..io.checkpoint import load_json, load_weights, save_json, save_weights
 from ..io.csv_log import append_row
 from ..losses import training_loss
 from ..models.unet import UNet
@@ -38,6 +37,7 @@ from .config import RunConfig
 from .batches import ClassLabels, PixelImages, TrainingBatches
 from .datasets import ImageDataset
 from .ema import EMA
+from .state import load_training_state, save_training_state
 from .timestep_sampler import TimestepSampler
 
 LOG_HEADER = ["step", "loss", "lr", "images_per_s", "elapsed_s"]
@@ -141,44 +141,21 @@ class Trainer:
         out = self.out_dir
         out.mkdir(parents=True, exist_ok=True)
         save_json(self.config.to_dict(), out / "config.json")
-        tmp = out / "state.tmp"
-        if tmp.exists():
-            import shutil
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        save_weights(self.model.state_dict(), tmp / "model.safetensors")
-        save_weights(self.ema.state_dict(), tmp / "ema.safetensors")
-        save_torch(self.optimizer.state_dict(), tmp / "optimizer.pt")
-        save_weights({"generator": self.generator.get_state(), "torch_global": torch.get_rng_state()},
-                     tmp / "rng.safetensors")
-        if self.timestep_sampler.kind != "uniform":
-            save_weights(self.timestep_sampler.state_dict(), tmp / "timestep_sampler.safetensors")
-        save_json({"step": self.step, "elapsed_s": self.elapsed_before + self._elapsed()}, tmp / "trainer.json")
-        save_json({"step": self.step}, tmp / "COMPLETE")   # written last: marks the folder as whole
-        replace_dir(tmp, out / "state")
+        extra = ({"timestep_sampler": self.timestep_sampler.state_dict()}
+                 if self.timestep_sampler.kind != "uniform" else None)
+        save_training_state(out, model=self.model, ema=self.ema, optimizer=self.optimizer, generator=self.generator,
+                            step=self.step, elapsed_s=self.elapsed_before + self._elapsed(), extra=extra)
         save_weights(self.ema.state_dict(), out / "model.safetensors", metadata={"step": str(self.step), "weights": "ema"})
 
     def load_checkpoint(self) -> None:
-        state = existing_state_dir(self.out_dir / "state")
-        if state is None:
-            raise NoisecraftError(f"{self.out_dir} holds no complete training state to resume from; "
-                                  f"start a new run with --out instead of --resume.")
-        try:
-            self.model.load_state_dict(load_weights(state / "model.safetensors"))
-            self.ema.load_state_dict(load_weights(state / "ema.safetensors"))
-            self.optimizer.load_state_dict(load_torch(state / "optimizer.pt"))
-        except RuntimeError as e:
-            raise NoisecraftError(f"the weights in {state} do not fit the model in config.json ({str(e)[:200]}); "
-                                  f"the run directory is inconsistent.") from None
-        rng = load_weights(state / "rng.safetensors")
-        self.generator.set_state(rng["generator"])
-        torch.set_rng_state(rng["torch_global"])
+        state, info = load_training_state(self.out_dir, model=self.model, ema=self.ema, optimizer=self.optimizer,
+                                          generator=self.generator,
+                                          start_anew="start a new run with --out instead of --resume")
         if self.timestep_sampler.kind != "uniform":
             if not (state / "timestep_sampler.safetensors").exists():
                 raise NoisecraftError(f"{state} lacks timestep_sampler.safetensors, which importance sampling of t "
                                       f"needs to resume exactly; the run directory is inconsistent.")
             self.timestep_sampler.load_state_dict(load_weights(state / "timestep_sampler.safetensors"))
-        info = load_json(state / "trainer.json")
         self.step, self.elapsed_before = int(info["step"]), float(info["elapsed_s"])
 
     # --- the loop -------------------------------------------------------------------------

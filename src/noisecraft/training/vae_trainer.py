@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from ..errors import NoisecraftError
 from ..settings import settings_from_dict
-from ..io.checkpoint import load_json, load_weights, save_json, save_weights
+from ..io.checkpoint import load_kind_config, load_weights, save_json, save_weights
 from ..io.csv_log import append_row
 from ..models.vae import AutoencoderKL, VAEConfig
 from .config import _check_number
@@ -438,14 +438,7 @@ def train_vae(model_config: VAEConfig, train_config: VAETrainConfig, dataset: Im
 def load_vae(run_dir: str | Path, device: str = "cpu") -> tuple[AutoencoderKL, float, dict]:
     """(autoencoder in eval mode, latent scaling factor, config dict) from a `noisecraft train-vae` run."""
     run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file():
-        raise NoisecraftError(f"{run_dir} is not an autoencoder run directory (no config.json); pass the folder "
-                              f"given to `noisecraft train-vae --out`.")
-    config = load_json(run_dir / "config.json")
-    if not isinstance(config, dict) or config.get("kind") != KIND:
-        kind = config.get("kind", "a diffusion model") if isinstance(config, dict) else "not a run"
-        raise NoisecraftError(f"{run_dir} holds {kind}, not an autoencoder; pass a run made by "
-                              f"`noisecraft train-vae`.")
+    config = load_kind_config(run_dir, KIND, "an autoencoder", "train-vae")
     if "model" not in config:
         raise NoisecraftError(f"{run_dir / 'config.json'} has no 'model' section; restore it or retrain the autoencoder.")
     try:

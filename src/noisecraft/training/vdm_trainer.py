@@ -19,7 +19,6 @@ Run directory (like `noisecraft train`'s):
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -29,8 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import NoisecraftError
-from ..io.checkpoint import (existing_state_dir, load_json, load_torch, load_weights, replace_dir, save_json,
-                             save_torch, save_weights)
+from ..io.checkpoint import load_kind_config, load_weights, save_json, save_weights
 from ..io.csv_log import append_row
 from ..models.unet import UNetConfig
 from ..models.vdm import VDM, VDMConfig
@@ -38,6 +36,7 @@ from ..settings import settings_from_dict
 from .config import _check_number, default_model_config
 from .datasets import ImageDataset
 from .ema import EMA
+from .state import load_training_state, save_training_state
 from .trainer import TrainingDiverged
 
 KIND = "vdm"
@@ -159,37 +158,14 @@ class VDMTrainer:
         out = self.out_dir
         out.mkdir(parents=True, exist_ok=True)
         save_json(self.run_config(), out / "config.json")
-        tmp = out / "state.tmp"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        save_weights(self.model.state_dict(), tmp / "model.safetensors")
-        save_weights(self.ema.state_dict(), tmp / "ema.safetensors")
-        save_torch(self.optimizer.state_dict(), tmp / "optimizer.pt")
-        save_weights({"generator": self.generator.get_state(), "torch_global": torch.get_rng_state()},
-                     tmp / "rng.safetensors")
-        save_json({"step": self.step, "elapsed_s": self.elapsed_before + self._elapsed()}, tmp / "trainer.json")
-        save_json({"step": self.step}, tmp / "COMPLETE")
-        replace_dir(tmp, out / "state")
+        save_training_state(out, model=self.model, ema=self.ema, optimizer=self.optimizer, generator=self.generator,
+                            step=self.step, elapsed_s=self.elapsed_before + self._elapsed())
         save_weights(self.ema.state_dict(), out / "model.safetensors",
                      metadata={"step": str(self.step), "weights": "ema", "kind": KIND})
 
     def load_checkpoint(self) -> None:
-        state = existing_state_dir(self.out_dir / "state")
-        if state is None:
-            raise NoisecraftError(f"{self.out_dir} holds no complete training state to resume from; "
-                                  f"start a new run in another --out folder.")
-        try:
-            self.model.load_state_dict(load_weights(state / "model.safetensors"))
-            self.ema.load_state_dict(load_weights(state / "ema.safetensors"))
-            self.optimizer.load_state_dict(load_torch(state / "optimizer.pt"))
-        except (RuntimeError, ValueError) as e:
-            raise NoisecraftError(f"the weights in {state} do not fit the model in config.json ({str(e)[:200]}); "
-                                  f"the run directory is inconsistent.") from None
-        rng = load_weights(state / "rng.safetensors")
-        self.generator.set_state(rng["generator"])
-        torch.set_rng_state(rng["torch_global"])
-        info = load_json(state / "trainer.json")
+        _, info = load_training_state(self.out_dir, model=self.model, ema=self.ema, optimizer=self.optimizer,
+                                      generator=self.generator, start_anew="start a new run in another --out folder")
         self.step, self.elapsed_before = int(info["step"]), float(info["elapsed_s"])
 
     # --- the loop -----------------------------------------------------------------------------
@@ -261,14 +237,7 @@ def _unet_config(unet, image_shape) -> UNetConfig:
 def read_run_config(run_dir: str | Path) -> dict:
     """config.json of a VDM run, checked to be one."""
     run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file():
-        raise NoisecraftError(f"{run_dir} is not a VDM run directory (no config.json); pass the folder given to "
-                              f"`noisecraft train-vdm --out`.")
-    config = load_json(run_dir / "config.json")
-    if not isinstance(config, dict) or config.get("kind") != KIND:
-        kind = config.get("kind", "a diffusion model") if isinstance(config, dict) else "not a run"
-        raise NoisecraftError(f"{run_dir} holds {kind}, not a variational diffusion model; pass a run made by "
-                              f"`noisecraft train-vdm`.")
+    config = load_kind_config(run_dir, KIND, "a variational diffusion model", "train-vdm")
     missing = [k for k in ("model", "vdm", "train", "data") if k not in config]
     if missing:
         raise NoisecraftError(f"{run_dir / 'config.json'} lacks the sections {missing}; restore it or retrain.")
