@@ -73,7 +73,7 @@ def _sample_grid_fn(n: int = 16, steps: int = 25):
     return write
 
 
-def _build_config(args, dataset):
+def _build_config(args, dataset, distributed=None):
     from .training.config import make_run_config
     model = {k: getattr(args, k) for k in ("base_channels", "num_res_blocks", "dropout")}
     if args.channel_mults:
@@ -85,11 +85,16 @@ def _build_config(args, dataset):
                      timestep_sampling=args.timestep_sampling,
                      loss=args.loss or ("hybrid" if args.learn_sigma else None))   # --learn-sigma alone: hybrid
     train = {k: getattr(args, k) for k in ("batch_size", "lr", "ema_decay", "warmup_steps", "steps", "minutes",
-                                           "seed", "label_dropout", "sample_every", "checkpoint_every")}
+                                           "seed", "label_dropout", "sample_every", "checkpoint_every", "log_every")}
     latent, text = None, None
     if args.latent or args.text_encoder:
         from .training.components import attach_components
-        latent, text = attach_components(args.out, dataset.image_shape, args.latent, args.text_encoder)
+        main = distributed is None or distributed.is_main
+        if distributed is not None and not main:
+            distributed.barrier()       # rank 0 copies the components into the run first
+        latent, text = attach_components(args.out, dataset.image_shape, args.latent, args.text_encoder, write=main)
+        if distributed is not None and main:
+            distributed.barrier()
     config = make_run_config(dataset, args.conditional, model, diffusion, train, latent=latent, text=text)
     if args.min_snr_gamma == 0:
         config.diffusion.min_snr_gamma = None
@@ -212,38 +217,59 @@ def _need_output(args) -> None:
 # --- commands ---------------------------------------------------------------------------------
 
 def cmd_train(args) -> int:
+    from .training.distributed import close_distributed, init_distributed
+    from .training.speed import SpeedOptions
+
+    speed = SpeedOptions(precision=args.precision, compile=args.compile, adam=args.adam)
+    distributed = init_distributed(args.device)   # torchrun: join the process group; otherwise one process
+    try:
+        return _train(args, distributed, speed)
+    finally:
+        close_distributed(distributed)
+
+
+def _train(args, distributed, speed) -> int:
+    from .io.checkpoint import existing_state_dir
     from .models.unet import count_parameters
     from .training.trainer import Trainer, load_run_config, resume_trainer
 
+    say = print if distributed.is_main else (lambda *a, **k: None)
+    options = dict(distributed=distributed, accumulate=args.accumulate, speed=speed)
     if args.resume:
         run = Path(args.resume)
         config = load_run_config(run)
         args.dataset = config.data.dataset
         args.image_size = config.data.image_shape[-1] if args.image_size is None else args.image_size
         dataset = _load_data(args)
-        trainer = resume_trainer(run, dataset, device=args.device, steps=args.steps, minutes=args.minutes)
-        print(f"resuming {run} at step {trainer.step}")
+        trainer = resume_trainer(run, dataset, steps=args.steps, minutes=args.minutes, **options)
+        say(f"resuming {run} at step {trainer.step}")
     else:
         if args.out is None:
             raise NoisecraftError("say where the run goes with --out DIR (or continue one with --resume DIR).")
         out = Path(args.out)
-        if (out / "state").exists() or (out / "config.json").exists():
+        if existing_state_dir(out / "state") is not None:
             raise NoisecraftError(f"{out} already holds a run; continue it with --resume {out} or choose another --out.")
+        # (a run stopped before its first checkpoint left at most config.json and partial files: start it over)
+        distributed.barrier()   # every process has looked before rank 0 writes anything there
         if args.conditional and args.text_encoder:
             raise NoisecraftError("choose one kind of condition: --conditional (class labels) or --text-encoder "
                                   "(captions), not both.")
         dataset = _load_data(args)
-        config = _build_config(args, dataset)
-        trainer = Trainer(config, dataset, out, device=args.device)
+        config = _build_config(args, dataset, distributed)
+        trainer = Trainer(config, dataset, out, **options)
         budget = (f"{config.train.steps} steps" if config.train.steps else "") + \
                  (" or " if config.train.steps and config.train.minutes else "") + \
                  (f"{config.train.minutes:g} minutes" if config.train.minutes else "")
         space = f", latents {'x'.join(map(str, config.latent.latent_shape))}" if config.latent else ""
         cond = ", text-conditional" if config.text else (", class-conditional" if config.data.conditional else "")
-        print(f"training on {dataset.name} ({len(dataset)} images {'x'.join(map(str, dataset.image_shape))}{space}"
-              f"{cond}), U-Net {count_parameters(trainer.model) / 1e6:.2f}M parameters, budget {budget} -> {out}")
+        say(f"training on {dataset.name} ({len(dataset)} images {'x'.join(map(str, dataset.image_shape))}{space}"
+            f"{cond}), U-Net {count_parameters(trainer.model) / 1e6:.2f}M parameters, budget {budget} -> {out}")
+    if distributed.active:
+        share = config.train.batch_size / distributed.world_size
+        say(f"{distributed.world_size} processes ({distributed.device.type}), about {share:.0f} images each per "
+            f"step in {args.accumulate} micro-batch(es)")
     summary = trainer.fit(sample_fn=_sample_grid_fn())
-    print(f"done: {summary['steps']} steps, loss {summary['loss']:.4f}, {summary['images_per_s']:.0f} images/s; "
+    say(f"done: {summary['steps']} steps, loss {summary['loss']:.4f}, {summary['images_per_s']:.0f} images/s; "
           f"EMA weights in {trainer.out_dir / 'model.safetensors'}")
     return 0
 
@@ -596,7 +622,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dropout", type=float, default=None)
     t.add_argument("--sample-every", type=int, default=None)
     t.add_argument("--checkpoint-every", type=int, default=None)
-    t.add_argument("--device", default="cpu")
+    t.add_argument("--log-every", type=int, default=None, help="log.csv row every N steps (default 25)")
+    t.add_argument("--device", default="cpu", help="cpu | cuda (under torchrun: one GPU per process)")
+    t.add_argument("--accumulate", type=int, default=1, metavar="K",
+                   help="gradient accumulation: each process's share of the batch in K micro-batches")
+    t.add_argument("--precision", default="fp32", help="fp32 | bf16 (autocast) | fp16 (autocast + grad scaler, GPU)")
+    t.add_argument("--compile", action="store_true", help="torch.compile the U-Net (slow first steps)")
+    t.add_argument("--adam", default="foreach", help="AdamW kernel: foreach | fused | loop")
     t.set_defaults(func=cmd_train)
 
     def sampling_args(q, outputs=True):
@@ -737,9 +769,29 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        device = getattr(args, "device", None)
+        if isinstance(device, str):   # every command that takes --device: refuse a bad one before any work
+            import torch
+            try:
+                kind = torch.device(device).type
+            except (RuntimeError, ValueError):
+                raise NoisecraftError(f"--device must be a torch device such as cpu, cuda or cuda:1, "
+                                      f"got {device!r}.") from None
+            if kind == "cuda" and not torch.cuda.is_available():
+                raise NoisecraftError(f"--device {device} asks for a CUDA GPU, but torch sees none here; "
+                                      "use --device cpu.")
         return args.func(args)
     except NoisecraftError as e:
-        print(f"noisecraft: error: {e}", file=sys.stderr)
+        print(f"noisecraft: error: {' '.join(str(e).split())}", file=sys.stderr)   # always one line
+        return 2
+    except OSError as e:
+        # Last resort for what the operating system refuses wherever it happens (permission denied, a folder
+        # where a file belongs, no space left): one line naming the file and the reason. Other exceptions are
+        # bugs and keep their traceback.
+        where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+        reason = e.strerror or " ".join(str(e).split()) or type(e).__name__
+        print(f"noisecraft: error: {where + ': ' if where else ''}{reason.rstrip('.')}; check the path, its "
+              "permissions and the free disk space.", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("noisecraft: interrupted", file=sys.stderr)

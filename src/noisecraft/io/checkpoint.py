@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -53,6 +54,19 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def remove_temp_files(path: str | Path) -> list[Path]:
+    """Delete the temporary files that interrupted `atomic_write(path)` calls left beside `path` (a process killed
+    mid-write cannot clean up after itself); returns them. Only safe while nothing else is writing `path`."""
+    path = Path(path)
+    suffix = path.suffix or ".tmp"
+    # mkstemp names: the prefix, 8 characters of [a-z0-9_], the suffix
+    pattern = re.compile(rf"\.{re.escape(path.stem)}\.[a-z0-9_]{{8}}{re.escape(suffix)}")
+    stale = [p for p in (path.parent.iterdir() if path.parent.is_dir() else ()) if pattern.fullmatch(p.name)]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:

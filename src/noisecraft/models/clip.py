@@ -33,12 +33,17 @@ from torch import nn
 
 from ..errors import NoisecraftError
 from ..settings import settings_from_dict
+from .unet import _short
 from ..io.checkpoint import load_json, load_weights, save_json, save_weights
 from .text_encoders import TEXT_ENCODER_FILE, TextEncoder, _check_prompts
 from .tokenizer import CLIPTokenizer
 
 ACTIVATIONS = ("quick_gelu", "gelu")
 LOGIT_SCALE_INIT = math.log(1 / 0.07)   # CLIP §2.5: temperature τ initialised to 0.07
+# Bounds far above any real text encoder (OpenCLIP ViT-bigG's text tower has 6.9e8 parameters, 32 layers), so that
+# a corrupted or hostile config fails with a clear sentence instead of exhausting the memory.
+MAX_PARAMETERS = 2 ** 33
+MAX_LAYERS, MAX_LENGTH = 256, 65_536
 LOGIT_SCALE_MAX = math.log(100.0)       # ... and clipped so that the logits are scaled by at most 100
 
 
@@ -61,7 +66,7 @@ class CLIPTextConfig:
 
     def __post_init__(self):
         if self.intermediate_size is None:
-            self.intermediate_size = 4 * self.width
+            self.intermediate_size = 4 * self.width if isinstance(self.width, int) else None
         if self.eos_token_id is None:
             self.eos_token_id = self.vocab_size - 1 if isinstance(self.vocab_size, int) else None
         for name in ("vocab_size", "max_length", "width", "layers", "heads", "intermediate_size"):
@@ -71,15 +76,31 @@ class CLIPTextConfig:
         if self.width % self.heads:
             raise NoisecraftError(f"text width {self.width} must be divisible by heads {self.heads}; "
                                   f"change --width or --heads.")
-        if self.activation not in ACTIVATIONS:
-            raise NoisecraftError(f"unknown text activation {self.activation!r}; use one of {', '.join(ACTIVATIONS)}.")
+        if not isinstance(self.activation, str) or self.activation not in ACTIVATIONS:
+            raise NoisecraftError(f"unknown text activation {_short(self.activation)}; use one of "
+                                  f"{', '.join(ACTIVATIONS)}.")
         if isinstance(self.layer_norm_eps, bool) or not isinstance(self.layer_norm_eps, (int, float)) \
-                or not self.layer_norm_eps > 0:
-            raise NoisecraftError(f"layer_norm_eps must be a positive number, got {self.layer_norm_eps!r}.")
+                or not 0 < self.layer_norm_eps < math.inf:
+            raise NoisecraftError(f"layer_norm_eps must be a positive number, got {_short(self.layer_norm_eps)}.")
         if not isinstance(self.eos_token_id, int) or isinstance(self.eos_token_id, bool) \
                 or not 0 <= self.eos_token_id < self.vocab_size:
             raise NoisecraftError(f"eos_token_id must be a token id in 0..{self.vocab_size - 1}, "
-                                  f"got {self.eos_token_id!r}.")
+                                  f"got {_short(self.eos_token_id)}.")
+        if self.layers > MAX_LAYERS or self.max_length > MAX_LENGTH:
+            raise NoisecraftError(f"CLIP settings out of range: at most {MAX_LAYERS} layers and {MAX_LENGTH} "
+                                  f"positions (got {self.layers} and {self.max_length}); fix or delete the config.")
+        # Size the network from the settings alone, before a single weight is allocated.
+        n = self.estimated_parameters()
+        if n > MAX_PARAMETERS:
+            raise NoisecraftError(f"these CLIP text settings give a transformer of about {n:.3g} parameters, more "
+                                  f"than the {MAX_PARAMETERS:.3g} noisecraft builds; lower width, layers or vocab_size.")
+
+    def estimated_parameters(self) -> int:
+        """Parameters of the text transformer (with its projection), computed from the settings alone."""
+        w, inner = self.width, self.intermediate_size
+        layer = 4 * (w * w + w) + (w * inner + inner) + (inner * w + w) + 4 * w
+        projection = w * self.projection_dim if self.projection_dim else 0
+        return (self.vocab_size + self.max_length) * w + self.layers * layer + 2 * w + projection
 
     @classmethod
     def from_dict(cls, data: dict) -> "CLIPTextConfig":
@@ -91,7 +112,7 @@ class CLIPTextConfig:
 
 def _check_positive(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise NoisecraftError(f"CLIP setting {name} must be a positive integer, got {value!r}.")
+        raise NoisecraftError(f"CLIP setting {name} must be a positive integer, got {_short(value)}.")
 
 
 # --- the text transformer ----------------------------------------------------------------------
@@ -304,8 +325,24 @@ class CLIPModel(nn.Module):
             raise NoisecraftError(f"a CLIP model config needs the keys {sorted(known)} and no others; "
                                   "use the config.json written by train-clip.")
         rest = {k: v for k, v in data.items() if k != "text"}
+        if "image_channels" not in rest:
+            raise NoisecraftError("a CLIP model config needs image_channels; use the config.json written by "
+                                  "train-clip.")
         if "image_widths" in rest:
-            rest["image_widths"] = tuple(rest["image_widths"])
+            widths = rest["image_widths"]
+            if (not isinstance(widths, list) or not 1 <= len(widths) <= MAX_LAYERS
+                    or any(isinstance(w, bool) or not isinstance(w, int) or not 1 <= w <= 2 ** 14 for w in widths)):
+                raise NoisecraftError(f"CLIP image_widths must be a list of 1 to {MAX_LAYERS} integers in "
+                                      f"1..{2 ** 14}, got {_short(widths)}.")
+            if any(w % min(8, w) for w in widths):   # the image encoder's GroupNorms use min(8, width) groups
+                raise NoisecraftError(f"CLIP image_widths above 8 must be multiples of 8, got {_short(widths)}.")
+            rest["image_widths"] = tuple(widths)
+        for name in ("image_channels", "embed_dim"):
+            if name in rest:
+                _check_positive(name, rest[name])
+                if rest[name] > 2 ** 16:
+                    raise NoisecraftError(f"CLIP setting {name} is {rest[name]}, more than {2 ** 16}; "
+                                          "fix or delete the config.")
         return cls(CLIPTextConfig.from_dict(data["text"]), **rest)
 
     def check_images(self, x: torch.Tensor) -> None:

@@ -33,6 +33,20 @@ from .embeddings import LabelEmbedding, TimeEmbedding, timestep_embedding
 from .transformer import SpatialTransformer
 
 
+# Bounds far above any real U-Net (Stable Diffusion XL's has 2.6e9 parameters and 3 levels), so that a corrupted
+# or hostile config fails with a clear sentence instead of exhausting the memory.
+MAX_PARAMETERS = 2 ** 33
+MAX_LEVELS = 12
+MAX_BLOCKS = 64
+MAX_IO_CHANNELS = 1024
+
+
+def _short(value, limit: int = 80) -> str:
+    """repr of a (possibly huge or nested) value, cut to `limit` characters for a one-line message."""
+    text = " ".join(repr(value).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 @dataclass
 class UNetConfig:
     """Everything needed to rebuild a UNet; stored in a run's config.json."""
@@ -55,6 +69,10 @@ class UNetConfig:
     norm_eps: float = 1e-5                    # eps of the ResBlock and output GroupNorms
 
     def __post_init__(self):
+        for name in ("channel_mults", "attention_levels"):
+            if not isinstance(getattr(self, name), (list, tuple, range)):
+                raise NoisecraftError(f"model setting {name} must be a list of integers, "
+                                      f"got {_short(getattr(self, name))}.")
         self.channel_mults = tuple(self.channel_mults)
         self.attention_levels = tuple(self.attention_levels)
         if isinstance(self.num_heads, list):      # JSON stores tuples as lists
@@ -64,10 +82,20 @@ class UNetConfig:
         positive = ("in_channels", "out_channels", "base_channels", "num_res_blocks", "head_dim", "groups")
         for name in positive:
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise NoisecraftError(f"model setting {name} must be a positive integer, got {value!r}.")
-        if not self.channel_mults or any(not isinstance(m, int) or m < 1 for m in self.channel_mults):
-            raise NoisecraftError(f"channel_mults must be positive integers, got {self.channel_mults!r}.")
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise NoisecraftError(f"model setting {name} must be a positive integer, got {_short(value)}.")
+        if not self.channel_mults or any(isinstance(m, bool) or not isinstance(m, int) or m < 1
+                                         for m in self.channel_mults):
+            raise NoisecraftError(f"channel_mults must be positive integers, got {_short(self.channel_mults)}.")
+        for name, value, most in (("levels (len(channel_mults))", len(self.channel_mults), MAX_LEVELS),
+                                  ("num_res_blocks", self.num_res_blocks, MAX_BLOCKS),
+                                  ("in_channels", self.in_channels, MAX_IO_CHANNELS),
+                                  ("out_channels", self.out_channels, MAX_IO_CHANNELS)):
+            if value > most:
+                raise NoisecraftError(f"model setting {name} is {value}, more than the {most} a U-Net can "
+                                      f"sensibly have; fix or delete the config.")
+        if any(isinstance(a, bool) or not isinstance(a, int) for a in self.attention_levels):
+            raise NoisecraftError(f"attention_levels must be integers, got {_short(self.attention_levels)}.")
         for m in self.channel_mults:
             if (self.base_channels * m) % self.groups:
                 raise NoisecraftError(
@@ -75,27 +103,79 @@ class UNetConfig:
                     f"{self.base_channels}*{m} is not.")
         if any(level not in range(len(self.channel_mults)) for level in self.attention_levels):
             raise NoisecraftError(
-                f"attention_levels {self.attention_levels} must index channel_mults (0..{len(self.channel_mults) - 1}).")
-        if not 0 <= self.dropout < 1:
-            raise NoisecraftError(f"dropout must be in [0, 1), got {self.dropout}.")
-        if not isinstance(self.num_classes, int) or self.num_classes < 0:
-            raise NoisecraftError(f"num_classes must be a non-negative integer, got {self.num_classes!r}.")
-        if self.context_dim is not None and (not isinstance(self.context_dim, int) or self.context_dim < 1):
-            raise NoisecraftError(f"context_dim must be a positive integer or None, got {self.context_dim!r}.")
-        if not isinstance(self.transformer_depth, int) or self.transformer_depth < 1:
-            raise NoisecraftError(f"transformer_depth must be a positive integer, got {self.transformer_depth!r}.")
+                f"attention_levels {_short(self.attention_levels)} must index channel_mults "
+                f"(0..{len(self.channel_mults) - 1}).")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise NoisecraftError(f"dropout must be in [0, 1), got {_short(self.dropout)}.")
+        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 0:
+            raise NoisecraftError(f"num_classes must be a non-negative integer, got {_short(self.num_classes)}.")
+        if self.context_dim is not None and (isinstance(self.context_dim, bool) or not isinstance(self.context_dim, int)
+                                             or self.context_dim < 1):
+            raise NoisecraftError(f"context_dim must be a positive integer or None, got {_short(self.context_dim)}.")
+        if (isinstance(self.transformer_depth, bool) or not isinstance(self.transformer_depth, int)
+                or not 1 <= self.transformer_depth <= MAX_BLOCKS):
+            raise NoisecraftError(f"transformer_depth must be a positive integer (at most {MAX_BLOCKS}), "
+                                  f"got {_short(self.transformer_depth)}.")
         self._check_heads()
         if self.time_conditioning not in ("scale_shift", "additive"):
             raise NoisecraftError(f"time_conditioning must be \"scale_shift\" or \"additive\", "
-                                  f"got {self.time_conditioning!r}.")
+                                  f"got {_short(self.time_conditioning)}.")
         if not isinstance(self.linear_projection, bool):
-            raise NoisecraftError(f"linear_projection must be true or false, got {self.linear_projection!r}.")
-        if isinstance(self.norm_eps, bool) or not isinstance(self.norm_eps, (int, float)) or not self.norm_eps > 0:
-            raise NoisecraftError(f"norm_eps must be a positive number, got {self.norm_eps!r}.")
+            raise NoisecraftError(f"linear_projection must be true or false, got {_short(self.linear_projection)}.")
+        if (isinstance(self.norm_eps, bool) or not isinstance(self.norm_eps, (int, float))
+                or not 0 < self.norm_eps < float("inf")):
+            raise NoisecraftError(f"norm_eps must be a positive number, got {_short(self.norm_eps)}.")
         self.norm_eps = float(self.norm_eps)
         if self.num_classes and self.context_dim is not None:
             raise NoisecraftError("a model takes class labels (num_classes) or text (context_dim), not both; "
                                   "set one of them to its default (0 or None).")
+        # Size the network from the settings alone, before a single weight is allocated: base_channels = 10^9
+        # must be a clear error, not an attempt to allocate 10^19 floats.
+        n = self.estimated_parameters()
+        if n > MAX_PARAMETERS:
+            raise NoisecraftError(f"these model settings give a U-Net of about {n:.3g} parameters, more than the "
+                                  f"{MAX_PARAMETERS:.3g} noisecraft builds; lower base_channels, channel_mults, "
+                                  "num_res_blocks, num_classes or context_dim.")
+
+    def estimated_parameters(self) -> int:
+        """The parameter count of UNet(self), computed from the settings without building anything (exact up to
+        the normalisation layers' few weights)."""
+        b, emb = self.base_channels, 4 * self.base_channels
+        widths = [b * m for m in self.channel_mults]
+
+        def conv(i, o, k=3):
+            return i * o * k * k + o
+
+        def res(i, o):
+            film = o if self.time_conditioning == "additive" else 2 * o
+            return conv(i, o) + emb * film + film + conv(o, o) + (conv(i, o, 1) if i != o else 0) + 2 * (i + o)
+
+        def attention(ch):
+            if self.context_dim is None:
+                return conv(ch, 3 * ch, 1) + conv(ch, ch, 1) + 2 * ch
+            ctx = self.context_dim
+            block = (4 * ch * ch + ch) + (2 * ch * ch + 2 * ctx * ch + ch) + (12 * ch * ch + 9 * ch) + 6 * ch
+            return 2 * (ch * ch + ch) + self.transformer_depth * block + 2 * ch
+
+        total = b * emb + emb + emb * emb + emb + (self.num_classes + 1) * emb * (self.num_classes > 0)
+        total += conv(self.in_channels, widths[0])
+        skips, ch = [widths[0]], widths[0]
+        for level, width in enumerate(widths):
+            for _ in range(self.num_res_blocks):
+                total += res(ch, width) + (attention(width) if level in self.attention_levels else 0)
+                ch = width
+                skips.append(ch)
+            if level < len(widths) - 1:
+                total += conv(ch, ch)
+                skips.append(ch)
+        total += 2 * res(ch, ch) + attention(ch)
+        for level in reversed(range(len(widths))):
+            for _ in range(self.num_res_blocks + 1):
+                total += res(ch + skips.pop(), widths[level])
+                total += attention(widths[level]) if level in self.attention_levels else 0
+                ch = widths[level]
+            total += conv(ch, ch) if level > 0 else 0
+        return total + 2 * ch + conv(ch, self.out_channels)
 
     def _check_heads(self) -> None:
         heads = self.num_heads
@@ -106,7 +186,7 @@ class UNetConfig:
         if (not isinstance(per_level, tuple) or len(per_level) != n
                 or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in per_level)):
             raise NoisecraftError(f"num_heads must be None, a positive integer or one positive integer per level "
-                                  f"({n} levels), got {heads!r}.")
+                                  f"({n} levels), got {_short(heads)}.")
         for level in sorted(set(self.attention_levels) | {n - 1}):   # the middle block uses the last level's
             width = self.base_channels * self.channel_mults[level]
             if width % per_level[level]:

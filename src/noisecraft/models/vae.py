@@ -21,7 +21,12 @@ from torch import nn
 
 from ..errors import NoisecraftError
 from ..settings import settings_from_dict
+from .unet import _short
 
+# Bounds far above any real autoencoder (Stable Diffusion's has 8.4e7 parameters), so that a corrupted or hostile
+# config fails with a clear sentence instead of exhausting the memory.
+MAX_PARAMETERS = 2 ** 33
+MAX_LEVELS, MAX_BLOCKS, MAX_IO_CHANNELS = 12, 64, 1024
 NORM_EPS = 1e-6                    # GroupNorm epsilon of Stable Diffusion's autoencoder
 LOGVAR_RANGE = (-30.0, 20.0)       # log σ² is clamped here, as in SD, so exp() never overflows
 
@@ -43,18 +48,57 @@ class VAEConfig:
         for name in ("in_channels", "latent_channels", "layers_per_block", "norm_groups"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise NoisecraftError(f"VAE setting {name} must be a positive integer, got {value!r}.")
+                raise NoisecraftError(f"VAE setting {name} must be a positive integer, got {_short(value)}.")
         widths = self.block_out_channels
         if (not isinstance(widths, tuple) or not widths
                 or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths)):
             raise NoisecraftError(f"VAE block_out_channels must be a non-empty list of positive integers, "
-                                  f"got {self.block_out_channels!r}.")
+                                  f"got {_short(self.block_out_channels)}.")
         bad = [w for w in widths if w % self.norm_groups]
         if bad:
             raise NoisecraftError(f"every VAE width must be divisible by norm_groups={self.norm_groups}; "
                                   f"{bad} are not (change block_out_channels or norm_groups).")
         if not isinstance(self.mid_attention, bool):
-            raise NoisecraftError(f"VAE setting mid_attention must be true or false, got {self.mid_attention!r}.")
+            raise NoisecraftError(f"VAE setting mid_attention must be true or false, "
+                                  f"got {_short(self.mid_attention)}.")
+        if len(widths) > MAX_LEVELS or self.layers_per_block > MAX_BLOCKS or max(
+                self.in_channels, self.latent_channels) > MAX_IO_CHANNELS:
+            raise NoisecraftError(f"VAE settings out of range: at most {MAX_LEVELS} levels, {MAX_BLOCKS} layers per "
+                                  f"block and {MAX_IO_CHANNELS} image or latent channels; fix or delete the config.")
+        # Size the network from the settings alone, before a single weight is allocated.
+        n = self.estimated_parameters()
+        if n > MAX_PARAMETERS:
+            raise NoisecraftError(f"these VAE settings give an autoencoder of about {n:.3g} parameters, more than "
+                                  f"the {MAX_PARAMETERS:.3g} noisecraft builds; lower block_out_channels.")
+
+    def estimated_parameters(self) -> int:
+        """The parameter count of AutoencoderKL(self), computed from the settings without building anything."""
+        def conv(i, o, k=3):
+            return i * o * k * k + o
+
+        def res(i, o):
+            return 2 * i + conv(i, o) + 2 * o + conv(o, o) + (conv(i, o, 1) if i != o else 0)
+
+        def mid(ch):
+            return 2 * res(ch, ch) + (4 * (ch * ch + ch) + 2 * ch if self.mid_attention else 0)
+
+        widths, lat = self.block_out_channels, self.latent_channels
+        total = conv(self.in_channels, widths[0]) + conv(2 * lat, 2 * lat, 1) + conv(lat, lat, 1)
+        ch = widths[0]
+        for i, width in enumerate(widths):                      # encoder
+            for _ in range(self.layers_per_block):
+                total += res(ch, width)
+                ch = width
+            total += conv(ch, ch) if i < len(widths) - 1 else 0
+        total += mid(ch) + 2 * ch + conv(ch, 2 * lat)
+        ch = widths[-1]
+        total += conv(lat, ch) + mid(ch)                        # decoder
+        for i, width in enumerate(reversed(widths)):
+            for _ in range(self.layers_per_block + 1):
+                total += res(ch, width)
+                ch = width
+            total += conv(ch, ch) if i < len(widths) - 1 else 0
+        return total + 2 * ch + conv(ch, self.in_channels)
 
     @classmethod
     def from_dict(cls, data: dict) -> "VAEConfig":

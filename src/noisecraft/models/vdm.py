@@ -40,7 +40,7 @@ from torch import nn
 
 from ..errors import NoisecraftError
 from ..settings import settings_from_dict
-from .unet import UNet, UNetConfig
+from .unet import UNet, UNetConfig, _short
 
 LEVELS = 256
 LOG2 = math.log(2.0)
@@ -166,6 +166,11 @@ class FourierFeatures(nn.Module):
 
 # --- the model ------------------------------------------------------------------------------------
 
+# Bounds far above any real run, so that a corrupted or hostile config fails with a clear sentence instead of
+# exhausting the memory (the same limits as a diffusion run's image shape).
+MAX_CHANNELS, MAX_VALUES_PER_IMAGE, MAX_SCHEDULE_FEATURES = 1024, 2 ** 28, 2 ** 20
+
+
 @dataclass
 class VDMConfig:
     """Everything besides the U-Net that rebuilds a VDM; stored as the "vdm" section of a run's config.json."""
@@ -178,15 +183,23 @@ class VDMConfig:
     variance_minimisation: bool = True             # schedule network on ∇E[L_∞²] (appendix I.2) instead of ∇VLB
 
     def __post_init__(self):
+        for name in ("image_shape", "fourier_exponents"):
+            if not isinstance(getattr(self, name), (list, tuple)):
+                raise NoisecraftError(f"vdm.{name} must be a list of integers, got {_short(getattr(self, name))}.")
         self.image_shape = tuple(self.image_shape)
         self.fourier_exponents = tuple(self.fourier_exponents)
         if len(self.image_shape) != 3 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1
                                              for s in self.image_shape):
             raise NoisecraftError(f"vdm.image_shape must be three positive integers (C, H, W), "
-                                  f"got {self.image_shape!r}.")
-        if any(isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 16 for n in self.fourier_exponents):
-            raise NoisecraftError(f"Fourier exponents must be integers in 0..16 such as 7,8, "
-                                  f"got {self.fourier_exponents!r}.")
+                                  f"got {_short(self.image_shape)}.")
+        c, h, w = self.image_shape
+        if c > MAX_CHANNELS or c * h * w > MAX_VALUES_PER_IMAGE:
+            raise NoisecraftError(f"vdm.image_shape {self.image_shape} is too large (at most {MAX_CHANNELS} channels "
+                                  f"and {MAX_VALUES_PER_IMAGE} values per image); fix or delete the config.")
+        if len(self.fourier_exponents) > 17 or any(isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 16
+                                                   for n in self.fourier_exponents):
+            raise NoisecraftError(f"Fourier exponents must be up to 17 integers in 0..16 such as 7,8, "
+                                  f"got {_short(self.fourier_exponents)}.")
         for name in ("gamma_min", "gamma_max"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -195,8 +208,9 @@ class VDMConfig:
             raise NoisecraftError(f"vdm.gamma_min ({self.gamma_min}) must be below vdm.gamma_max "
                                   f"({self.gamma_max}): γ = −log SNR grows with t.")
         if isinstance(self.schedule_features, bool) or not isinstance(self.schedule_features, int) \
-                or self.schedule_features < 1:
-            raise NoisecraftError(f"vdm.schedule_features must be a positive integer, got {self.schedule_features!r}.")
+                or not 1 <= self.schedule_features <= MAX_SCHEDULE_FEATURES:
+            raise NoisecraftError(f"vdm.schedule_features must be an integer in 1..{MAX_SCHEDULE_FEATURES}, "
+                                  f"got {_short(self.schedule_features)}.")
         if not isinstance(self.variance_minimisation, bool):
             raise NoisecraftError(f"vdm.variance_minimisation must be true or false, "
                                   f"got {self.variance_minimisation!r}.")

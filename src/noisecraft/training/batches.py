@@ -5,6 +5,10 @@ Latent diffusion (Rombach et al. 2022, eq. 2) trains on z = s·E(x): the VAE enc
 dataset, and its posterior N(μ, σ²) per image is cached, so that every step draws a fresh z = μ + σ·ε for the
 price of one multiply-add. Text works the same way: the frozen text encoder runs once over the dataset's
 distinct captions, and a step only gathers rows of that table.
+
+Sharding (distributed training, gradient accumulation): `batch(indices, generator, drop, shard)` draws the random
+numbers of the WHOLE batch — so the generator advances the same way in every process — but gathers data only for
+`indices[shard]`. A batch split over processes is then the same batch as in one process.
 """
 
 from __future__ import annotations
@@ -20,8 +24,8 @@ class PixelImages:
     def __init__(self, dataset: ImageDataset):
         self.dataset = dataset
 
-    def __call__(self, indices: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return self.dataset.batch(indices)[0]
+    def __call__(self, indices: torch.Tensor, generator: torch.Generator, shard: slice) -> torch.Tensor:
+        return self.dataset.batch(indices[shard])[0]
 
 
 class LatentImages:
@@ -31,10 +35,10 @@ class LatentImages:
     def __init__(self, mean: torch.Tensor, std: torch.Tensor, scaling_factor: float):
         self.mean, self.std, self.scaling_factor = mean, std, float(scaling_factor)
 
-    def __call__(self, indices: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        mean, std = self.mean[indices], self.std[indices]
-        eps = torch.randn(mean.shape, generator=generator)
-        return (mean + std * eps) * self.scaling_factor
+    def __call__(self, indices: torch.Tensor, generator: torch.Generator, shard: slice) -> torch.Tensor:
+        eps = torch.randn((len(indices), *self.mean.shape[1:]), generator=generator)[shard]
+        mine = indices[shard]
+        return (self.mean[mine] + self.std[mine] * eps) * self.scaling_factor
 
 
 class ClassLabels:
@@ -43,9 +47,9 @@ class ClassLabels:
     def __init__(self, labels: torch.Tensor, num_classes: int):
         self.labels, self.null = labels, num_classes
 
-    def __call__(self, indices: torch.Tensor, generator: torch.Generator, drop: float) -> torch.Tensor:
-        labels = self.labels[indices]
-        dropped = torch.rand(len(indices), generator=generator) < drop
+    def __call__(self, indices: torch.Tensor, generator: torch.Generator, drop: float, shard: slice) -> torch.Tensor:
+        labels = self.labels[indices[shard]]
+        dropped = (torch.rand(len(indices), generator=generator) < drop)[shard]
         return torch.where(dropped, torch.full_like(labels, self.null), labels)
 
 
@@ -56,11 +60,11 @@ class TextContexts:
     def __init__(self, contexts: torch.Tensor, captions, empty_index: int):
         self.contexts, self.captions, self.empty = contexts, captions, empty_index
 
-    def __call__(self, indices: torch.Tensor, generator: torch.Generator, drop: float) -> torch.Tensor:
+    def __call__(self, indices: torch.Tensor, generator: torch.Generator, drop: float, shard: slice) -> torch.Tensor:
         chosen = self.captions.sample(indices, generator)
         dropped = torch.rand(len(indices), generator=generator) < drop
         chosen = torch.where(dropped, torch.full_like(chosen, self.empty), chosen)
-        return self.contexts[chosen]
+        return self.contexts[chosen[shard]]
 
 
 class TrainingBatches:
@@ -70,7 +74,7 @@ class TrainingBatches:
     def __init__(self, images, condition=None):
         self.images, self.condition = images, condition
 
-    def batch(self, indices: torch.Tensor, generator: torch.Generator, drop: float):
-        x0 = self.images(indices, generator)
-        cond = None if self.condition is None else self.condition(indices, generator, drop)
+    def batch(self, indices: torch.Tensor, generator: torch.Generator, drop: float, shard: slice = slice(None)):
+        x0 = self.images(indices, generator, shard)
+        cond = None if self.condition is None else self.condition(indices, generator, drop, shard)
         return x0, cond

@@ -36,6 +36,7 @@ from ..io.csv_log import append_row
 from ..models.clip import CLIPModel, CLIPTextConfig, CLIPTextEncoder, contrastive_loss
 from ..models.tokenizer import CLIPTokenizer
 from .captions import Captions, class_prompts
+from .config import brief
 from .datasets import ImageDataset
 from .trainer import TrainingDiverged
 
@@ -181,8 +182,9 @@ def _check_arguments(dataset, captions, minutes, steps, batch_size, lr, warmup_s
         raise NoisecraftError("give a training budget: --steps N or --minutes M.")
     if steps is not None and (not isinstance(steps, int) or steps < 1):
         raise NoisecraftError(f"--steps must be a positive integer, got {steps!r}.")
-    if minutes is not None and not minutes > 0:
-        raise NoisecraftError(f"--minutes must be positive, got {minutes!r}.")
+    if minutes is not None and (isinstance(minutes, bool) or not isinstance(minutes, (int, float))
+                                or not 0 < minutes < math.inf):
+        raise NoisecraftError(f"--minutes must be a positive number, got {minutes!r}.")
     if not isinstance(batch_size, int) or batch_size < 2:
         raise NoisecraftError(f"--batch-size must be at least 2 (a contrastive loss needs negatives), got {batch_size!r}.")
     if len(dataset) < batch_size:
@@ -191,8 +193,8 @@ def _check_arguments(dataset, captions, minutes, steps, batch_size, lr, warmup_s
     if len(captions) != len(dataset):
         raise NoisecraftError(f"there are captions for {len(captions)} images but the dataset holds {len(dataset)}; "
                               "build them with captions_for(dataset).")
-    if not lr > 0:
-        raise NoisecraftError(f"--lr must be positive, got {lr!r}.")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf:
+        raise NoisecraftError(f"--lr must be a positive number, got {lr!r}.")
     for name, value in (("warmup_steps", warmup_steps), ("checkpoint_every", checkpoint_every),
                         ("log_every", log_every)):
         if not isinstance(value, int) or value < (1 if name == "log_every" else 0):
@@ -254,7 +256,7 @@ def load_clip(out_dir: str | Path, device: str = "cpu") -> tuple[CLIPModel, CLIP
     try:
         model.load_state_dict(load_weights(out / "clip.safetensors"))
     except RuntimeError as e:
-        raise NoisecraftError(f"the weights in {out / 'clip.safetensors'} do not fit config.json ({str(e)[:200]}); "
+        raise NoisecraftError(f"the weights in {out / 'clip.safetensors'} do not fit config.json ({brief(e)}); "
                               "the folder is inconsistent.") from None
     tokenizer = CLIPTokenizer.from_folder(out / "text_encoder" / "tokenizer", max_length=model.text_config.max_length)
     return model.to(device).eval(), tokenizer

@@ -24,8 +24,10 @@ VAE_DIR, TEXT_DIR, CACHE_DIR = "vae", "text_encoder", "cache"
 
 
 def attach_components(out_dir: str | Path, image_shape, vae_run: str | Path | None = None,
-                      text_encoder: str | Path | None = None) -> tuple[LatentConfig | None, TextConfig | None]:
-    """Copy the VAE and save the text encoder into the run directory; return the config sections they imply."""
+                      text_encoder: str | Path | None = None,
+                      write: bool = True) -> tuple[LatentConfig | None, TextConfig | None]:
+    """Copy the VAE and save the text encoder into the run directory; return the config sections they imply.
+    write=False only computes the sections (the other processes of a distributed run: rank 0 writes)."""
     out_dir = Path(out_dir)
     latent = text = None
     if vae_run is not None:
@@ -33,16 +35,17 @@ def attach_components(out_dir: str | Path, image_shape, vae_run: str | Path | No
         vae, scaling_factor, _ = load_vae(vae_run)
         with torch.no_grad():
             shape = vae.encode(torch.zeros(1, *image_shape)).mean.shape[1:]
-        for name in ("config.json", "model.safetensors"):
+        for name in ("config.json", "model.safetensors") if write else ():
             atomic_write_bytes(out_dir / VAE_DIR / name, (Path(vae_run) / name).read_bytes())
         latent = LatentConfig(scaling_factor=float(scaling_factor), latent_shape=tuple(int(s) for s in shape))
     if text_encoder is not None:
         from ..models.text_encoders import load_text_encoder
         encoder = load_text_encoder(text_encoder)
         target = out_dir / TEXT_DIR
-        if target.exists():
-            shutil.rmtree(target)
-        encoder.save(target)
+        if write:
+            if target.exists():
+                shutil.rmtree(target)
+            encoder.save(target)
         text = TextConfig(max_length=int(encoder.max_length), dim=int(encoder.dim))
     return latent, text
 

@@ -8,10 +8,11 @@ Each part is a dataclass here whose from_dict rejects unknown keys and wrong typ
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from ..denoiser import check_prediction_type
+from ..denoiser import PREDICTION_TYPES, check_prediction_type
 from ..errors import NoisecraftError
 from ..losses import LOSSES
 from ..models.unet import UNetConfig
@@ -32,7 +33,8 @@ def _from_dict(cls, data: Any, section: str):
     try:
         return cls(**data)
     except TypeError as e:
-        raise NoisecraftError(f"config section '{section}' is invalid ({e}); fix or delete the config.") from None
+        raise NoisecraftError(f"config section '{section}' is invalid ({brief(e)}); "
+                              "fix or delete the config.") from None
 
 
 def _check_number(section: str, name: str, value, lo=None, hi=None, integer=False, allow_none=False):
@@ -41,10 +43,63 @@ def _check_number(section: str, name: str, value, lo=None, hi=None, integer=Fals
     ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
     if isinstance(value, bool) or not ok_type:
         kind = "an integer" if integer else "a number"
-        raise NoisecraftError(f"{section}.{name} must be {kind}, got {value!r}.")
+        raise NoisecraftError(f"{section}.{name} must be {kind}, got {_short(value)}.")
+    if not math.isfinite(value):   # NaN passes every comparison below, and inf is never a useful setting
+        raise NoisecraftError(f"{section}.{name} must be a finite number, got {value!r}.")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         bounds = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
         raise NoisecraftError(f"{section}.{name} must be {bounds}, got {value!r}.")
+
+
+def brief(err, limit: int = 200) -> str:
+    """An exception's text on one line and at most `limit` characters, to quote inside a one-sentence error
+    (torch's load_state_dict messages, for one, span many lines)."""
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _short(value, limit: int = 80) -> str:
+    """repr of a (possibly huge or nested) value, cut to `limit` characters for a one-line message."""
+    text = " ".join(repr(value).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+# Upper bounds that no real run comes near; they turn a corrupted or hostile config into a clear error before
+# anything is allocated (a schedule of 10^12 steps, a 10^9-channel image).
+MAX_T = 100_000
+MAX_CHANNELS = 1024
+MAX_VALUES_PER_IMAGE = 2 ** 28     # C·H·W: a 16384×16384 grey image or a 9459×9459 RGB one
+MAX_TEXT_LENGTH = 65_536
+MAX_TEXT_DIM = 65_536
+
+
+def _check_shape(section: str, name: str, shape) -> tuple[int, int, int]:
+    """A (C, H, W) tuple of positive integers of sane size, from a list or tuple."""
+    if not isinstance(shape, (list, tuple)) or len(shape) != 3 or any(
+            isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in shape):
+        raise NoisecraftError(f"{section}.{name} must be three positive integers (C, H, W), got {_short(shape)}.")
+    c, h, w = shape
+    if c > MAX_CHANNELS or c * h * w > MAX_VALUES_PER_IMAGE:
+        raise NoisecraftError(f"{section}.{name} {tuple(shape)} is too large (at most {MAX_CHANNELS} channels and "
+                              f"{MAX_VALUES_PER_IMAGE} values per image); fix or delete the config.")
+    return tuple(shape)
+
+
+def _check_choice(section: str, name: str, value, choices) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise NoisecraftError(f"unknown {section}.{name} {_short(value)}; choose one of {', '.join(choices)}.")
+
+
+def check_data_section(data, path) -> None:
+    """The "data" section of a VAE or VDM run's config.json: an object whose dataset is a name and whose
+    image_shape is (C, H, W), which the commands read directly."""
+    if not isinstance(data, dict):
+        raise NoisecraftError(f"{path} has no valid 'data' section (got {_short(data)}); restore it or retrain.")
+    if "image_shape" not in data:
+        raise NoisecraftError(f"the 'data' section of {path} lacks image_shape; restore it or retrain.")
+    _check_shape("data", "image_shape", data["image_shape"])
+    if "dataset" in data and (not isinstance(data["dataset"], str) or not data["dataset"]):
+        raise NoisecraftError(f"data.dataset in {path} must be a dataset name, got {_short(data['dataset'])}.")
 
 
 @dataclass
@@ -62,21 +117,28 @@ class DiffusionConfig:
     timestep_sampling: str = "uniform"   # "uniform" or "importance" (p_t ∝ sqrt(E[L_t²]), for loss "vlb")
 
     def __post_init__(self):
-        if self.schedule not in BETA_SCHEDULES:
-            raise NoisecraftError(f"unknown beta schedule {self.schedule!r}; choose one of {', '.join(BETA_SCHEDULES)}.")
-        _check_number("diffusion", "T", self.T, lo=2, integer=True)
+        if not isinstance(self.schedule, str) or self.schedule not in BETA_SCHEDULES:
+            raise NoisecraftError(f"unknown beta schedule {_short(self.schedule)}; choose one of "
+                                  f"{', '.join(BETA_SCHEDULES)}.")
+        _check_number("diffusion", "T", self.T, lo=2, hi=MAX_T, integer=True)
+        _check_choice("diffusion", "prediction", self.prediction, PREDICTION_TYPES)
         check_prediction_type(self.prediction)
         _check_number("diffusion", "min_snr_gamma", self.min_snr_gamma, lo=0, allow_none=True)
         _check_number("diffusion", "beta_start", self.beta_start, lo=0, hi=1, allow_none=True)
         _check_number("diffusion", "beta_end", self.beta_end, lo=0, hi=1, allow_none=True)
         if not isinstance(self.learn_sigma, bool):
             raise NoisecraftError(f"diffusion.learn_sigma must be true or false, got {self.learn_sigma!r}.")
-        if self.loss not in LOSSES:
-            raise NoisecraftError(f"unknown loss {self.loss!r}; choose one of {', '.join(LOSSES)}.")
+        if not isinstance(self.clip_x0, bool):
+            raise NoisecraftError(f"diffusion.clip_x0 must be true or false, got {_short(self.clip_x0)}.")
+        if not isinstance(self.loss, str) or self.loss not in LOSSES:
+            raise NoisecraftError(f"unknown loss {_short(self.loss)}; choose one of {', '.join(LOSSES)}.")
         _check_number("diffusion", "vlb_weight", self.vlb_weight, lo=0)
-        if self.timestep_sampling not in TIMESTEP_SAMPLING:
-            raise NoisecraftError(f"unknown timestep sampling {self.timestep_sampling!r}; choose one of "
+        if not isinstance(self.timestep_sampling, str) or self.timestep_sampling not in TIMESTEP_SAMPLING:
+            raise NoisecraftError(f"unknown timestep sampling {_short(self.timestep_sampling)}; choose one of "
                                   f"{', '.join(TIMESTEP_SAMPLING)}.")
+        if self.beta_start is not None and self.beta_end is not None and not self.beta_start < self.beta_end:
+            raise NoisecraftError(f"diffusion.beta_start ({self.beta_start}) must be below diffusion.beta_end "
+                                  f"({self.beta_end}).")
         if self.learn_sigma and self.loss == "simple":
             raise NoisecraftError("a learned variance is trained only by the bound: use loss 'hybrid' or 'vlb' "
                                   "with learn_sigma (--loss hybrid).")
@@ -127,9 +189,13 @@ class DataConfig:
     conditional: bool = False
 
     def __post_init__(self):
-        self.image_shape = tuple(self.image_shape)
-        if len(self.image_shape) != 3 or any(not isinstance(s, int) or s < 1 for s in self.image_shape):
-            raise NoisecraftError(f"data.image_shape must be three positive integers (C, H, W), got {self.image_shape!r}.")
+        self.image_shape = _check_shape("data", "image_shape", self.image_shape)
+        if not isinstance(self.dataset, str) or not self.dataset:
+            raise NoisecraftError(f"data.dataset must be a dataset name such as \"mnist\", got {_short(self.dataset)}.")
+        if not isinstance(self.class_names, list) or any(not isinstance(n, str) for n in self.class_names):
+            raise NoisecraftError(f"data.class_names must be a list of strings, got {_short(self.class_names)}.")
+        if not isinstance(self.conditional, bool):
+            raise NoisecraftError(f"data.conditional must be true or false, got {_short(self.conditional)}.")
 
 
 @dataclass
@@ -140,10 +206,8 @@ class LatentConfig:
     latent_shape: tuple[int, int, int] = (4, 7, 7)
 
     def __post_init__(self):
-        self.latent_shape = tuple(self.latent_shape)
+        self.latent_shape = _check_shape("latent", "latent_shape", self.latent_shape)
         _check_number("latent", "scaling_factor", self.scaling_factor, lo=1e-8)
-        if len(self.latent_shape) != 3 or any(not isinstance(s, int) or s < 1 for s in self.latent_shape):
-            raise NoisecraftError(f"latent.latent_shape must be three positive integers, got {self.latent_shape!r}.")
 
 
 @dataclass
@@ -155,8 +219,8 @@ class TextConfig:
     dim: int = 768
 
     def __post_init__(self):
-        _check_number("text", "max_length", self.max_length, lo=1, integer=True)
-        _check_number("text", "dim", self.dim, lo=1, integer=True)
+        _check_number("text", "max_length", self.max_length, lo=1, hi=MAX_TEXT_LENGTH, integer=True)
+        _check_number("text", "dim", self.dim, lo=1, hi=MAX_TEXT_DIM, integer=True)
 
 
 @dataclass
@@ -173,6 +237,19 @@ class RunConfig:
         if self.diffusion.learn_sigma and self.model.out_channels != 2 * c:
             raise NoisecraftError(f"learn_sigma needs a U-Net with out_channels = 2 × in_channels = {2 * c}, got "
                                   f"{self.model.out_channels}; set model.out_channels to {2 * c}.")
+        # The sections must describe one model: a mismatch would only surface as a shape error deep in a run.
+        channels = self.model_shape[0]
+        # (Stable Diffusion's inpainting U-Net also reads the masked image's latent and the mask: 2C + 1.)
+        readable = (channels, 2 * channels + 1) if self.latent is not None else (channels,)
+        if c not in readable:
+            raise NoisecraftError(f"model.in_channels is {c} but the {'latents' if self.latent else 'images'} have "
+                                  f"{channels} channels; the config is inconsistent, restore it or retrain.")
+        if self.text is not None and self.model.context_dim != self.text.dim:
+            raise NoisecraftError(f"model.context_dim ({self.model.context_dim}) must equal text.dim "
+                                  f"({self.text.dim}); the config is inconsistent, restore it or retrain.")
+        if self.data.conditional and self.model.num_classes < 1:
+            raise NoisecraftError("data.conditional is true but model.num_classes is 0; a class-conditional model "
+                                  "needs a dataset with labels (for a folder: one sub-folder per class).")
 
     @property
     def model_shape(self) -> tuple[int, int, int]:
@@ -197,6 +274,10 @@ class RunConfig:
     def from_dict(cls, data: dict) -> "RunConfig":
         if not isinstance(data, dict):
             raise NoisecraftError("config.json must hold a JSON object; restore it from the run or retrain.")
+        version = data.get("version", CONFIG_VERSION)
+        if isinstance(version, bool) or not isinstance(version, int) or version > CONFIG_VERSION:
+            raise NoisecraftError(f"config.json has version {_short(version)}, which this noisecraft "
+                                  f"(version {CONFIG_VERSION} configs) cannot read; upgrade noisecraft or retrain.")
         missing = [k for k in ("model", "diffusion", "train", "data") if k not in data]
         if missing:
             raise NoisecraftError(f"config.json lacks the sections {missing}; it was not written by noisecraft train.")
@@ -208,7 +289,7 @@ class RunConfig:
         try:
             model = UNetConfig.from_dict(data["model"])
         except TypeError as e:
-            raise NoisecraftError(f"config section 'model' is invalid ({e}).") from None
+            raise NoisecraftError(f"config section 'model' is invalid ({brief(e)}).") from None
         return cls(
             model=model,
             diffusion=_from_dict(DiffusionConfig, data["diffusion"], "diffusion"),

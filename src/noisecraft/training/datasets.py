@@ -6,7 +6,10 @@ Everything is held as one uint8 N×C×H×W tensor, so a training batch is a sing
 from __future__ import annotations
 
 import gzip
+import io
 import os
+import struct
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,12 +108,17 @@ def load_dataset(
     dataset has no test split: `split="test"` raises NoisecraftError rather than silently returning
     the training images, so that test metrics are never computed on training data by accident.
     """
-    if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
+                                   or image_size < 1):
         raise NoisecraftError(
             f"Image size must be a positive integer, got {image_size!r}; pass e.g. --image-size 32."
         )
     if split not in SPLITS:
         raise NoisecraftError(f"Unknown split {split!r}; use one of {', '.join(SPLITS)}.")
+    if not isinstance(name, str):
+        raise NoisecraftError(
+            f"The dataset name must be a string such as 'mnist' or 'folder:PATH', got {name!r}."
+        )
 
     if name.startswith("folder:"):
         if split == "test":
@@ -129,6 +137,30 @@ def load_dataset(
         f"Unknown dataset {name!r}; use one of {', '.join(DATASET_NAMES)}, "
         "or folder:PATH for a folder of images."
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# Memory
+
+
+def physical_memory() -> int | None:
+    """Bytes of RAM in this machine, or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_memory(n: int, channels: int, size: int, bytes_per_value: int, what: str) -> None:
+    """Refuse, before allocating anything, to build n images of channels×size×size values of `bytes_per_value`
+    bytes (the largest intermediate) when they would not fit in this machine's memory."""
+    need = n * channels * size * size * bytes_per_value
+    have = physical_memory()
+    if have is not None and need > have:
+        raise NoisecraftError(
+            f"{what} would need {need / 2**30:,.1f} GiB for {n} images of {channels}×{size}×{size}, more "
+            f"than this machine's {have / 2**30:,.1f} GiB of memory; pass a smaller --image-size."
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -157,6 +189,8 @@ def _load_digits(split: str, image_size: int | None) -> ImageDataset:
     from sklearn.datasets import load_digits  # bundled with scikit-learn, so no download
 
     digits = load_digits()
+    if image_size is not None:
+        check_memory(len(digits.images), 1, image_size, 4, f"digits at --image-size {image_size}")
     # 0..16 -> 0..255 in float; round once, after upscaling, to avoid double quantisation.
     x = torch.from_numpy(digits.images.astype(np.float32) * (255.0 / 16.0)).unsqueeze(1)
     size = image_size or 16
@@ -174,43 +208,85 @@ def _load_digits(split: str, image_size: int | None) -> ImageDataset:
 # MNIST-style gzip IDX files
 
 
+# Deflate expands data by at most ~1032:1, so a gzip file of n bytes cannot hold more than this many times n.
+_MAX_DEFLATE_RATIO = 1100
+_CHUNK = 1 << 22
+
+
+def _gunzip_prefix(stream, n: int) -> bytes:
+    """Up to `n` decompressed bytes from `stream`, read in chunks: memory follows what is really in the file,
+    never what a (possibly hostile) header claims."""
+    out = bytearray()
+    while len(out) < n:
+        block = stream.read(min(_CHUNK, n - len(out)))
+        if not block:
+            break
+        out += block
+    return bytes(out)
+
+
 def parse_idx(data: bytes, *, ndim: int, source: str = "IDX file") -> np.ndarray:
     """Parse IDX bytes (gzip-compressed or raw) holding unsigned bytes with `ndim` dimensions.
 
     Checks the magic number (0x0000 08 <ndim>), the dimension count and the exact payload size, so a
-    truncated or foreign file gives a NoisecraftError instead of garbage images. The `source` text
-    (e.g. "MNIST file /x/train-images-idx3-ubyte.gz") starts every message.
+    truncated or foreign file gives a NoisecraftError instead of garbage images. The declared size is
+    checked against the bytes the file can hold before anything is allocated or decompressed, so a
+    header claiming 2^31 × 60000 × 60000 items fails at once, and a gzip file is decompressed only as far
+    as its header allows, so a decompression bomb cannot fill the memory. The `source` text (e.g.
+    "MNIST file /x/train-images-idx3-ubyte.gz") starts every message.
     """
     fix = "delete it and run again to re-download"
-    if data[:2] == b"\x1f\x8b":  # sniff gzip by content, so already-gunzipped copies also work
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError, zlib.error) as err:
-            raise NoisecraftError(f"{source} is not a valid gzip file ({err}); {fix}.") from None
     header = 4 + 4 * ndim
     expected_magic = 0x0800 + ndim
-    if len(data) < 4:
-        raise NoisecraftError(f"{source} is truncated (only {len(data)} bytes, no IDX header); {fix}.")
-    magic = int.from_bytes(data[:4], "big")
+    gzipped = data[:2] == b"\x1f\x8b"  # sniff gzip by content, so already-gunzipped copies also work
+    stream = gzip.GzipFile(fileobj=io.BytesIO(data)) if gzipped else None
+
+    def gunzip(n: int) -> bytes:
+        try:
+            return _gunzip_prefix(stream, n)
+        except (OSError, EOFError, zlib.error) as err:
+            raise NoisecraftError(f"{source} is not a valid gzip file ({_one_line(err)}); {fix}.") from None
+
+    head = gunzip(header) if gzipped else data[:header]
+    if len(head) < 4:
+        raise NoisecraftError(f"{source} is truncated (only {len(head)} bytes, no IDX header); {fix}.")
+    magic = int.from_bytes(head[:4], "big")
     if magic != expected_magic:
         raise NoisecraftError(
             f"{source} has IDX magic number 0x{magic:08x} but expected 0x{expected_magic:08x} "
             f"(unsigned bytes, {ndim} dimension{'s' if ndim > 1 else ''}); {fix}."
         )
-    if len(data) < header:
+    if len(head) < header:
         raise NoisecraftError(
-            f"{source} is truncated (header needs {header} bytes, got {len(data)}); {fix}."
+            f"{source} is truncated (header needs {header} bytes, got {len(head)}); {fix}."
         )
-    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    dims = [int.from_bytes(head[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
     expected = int(np.prod(dims, dtype=object))
-    got = len(data) - header
+    shape = "×".join(map(str, dims))
+    if gzipped:
+        if expected > _MAX_DEFLATE_RATIO * len(data):
+            raise NoisecraftError(
+                f"{source} is truncated (expected {expected} bytes of {shape} data, more than its "
+                f"{len(data)} compressed bytes can hold); {fix}."
+            )
+        # One byte more than declared reveals trailing data; a stream that holds no more than that is read to
+        # its end, where gzip checks its CRC, so a flipped byte is caught too.
+        body = gunzip(expected + 1)
+    else:
+        body = memoryview(data)[header:]
+    got = len(body)
     if got != expected:
         what = "is truncated" if got < expected else "has trailing bytes"
+        more = " or more" if gzipped and got > expected else ""
         raise NoisecraftError(
-            f"{source} {what} (expected {expected} bytes of {'×'.join(map(str, dims))} data, "
-            f"got {got}); {fix}."
+            f"{source} {what} (expected {expected} bytes of {shape} data, got {got}{more}); {fix}."
         )
-    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
+    return np.frombuffer(body, dtype=np.uint8).reshape(dims)
+
+
+def _one_line(err: BaseException) -> str:
+    """An exception's text on one line, without a trailing full stop (it sits inside a sentence)."""
+    return " ".join(str(err).split()).rstrip(".") or type(err).__name__
 
 
 def _load_idx_dataset(
@@ -240,10 +316,10 @@ def _load_idx_dataset(
             f"{source.title} files in {folder} disagree: {image_file} holds {len(pixels)} images but "
             f"{label_file} holds {len(targets)} labels; delete both and run again to re-download."
         )
-    if len(pixels) == 0:
+    if pixels.size == 0:
         raise NoisecraftError(
-            f"{source.title} file {folder / image_file} holds no images; "
-            "delete it and run again to re-download."
+            f"{source.title} file {folder / image_file} holds no pixels (shape "
+            f"{'×'.join(map(str, pixels.shape))}); delete it and run again to re-download."
         )
     classes = FASHION_CLASSES if key == "fashion-mnist" else DIGIT_CLASSES
     if int(targets.max()) >= len(classes):
@@ -255,6 +331,7 @@ def _load_idx_dataset(
     images = torch.from_numpy(pixels.copy()).unsqueeze(1)
     labels = torch.from_numpy(targets.astype(np.int64))
     if image_size is not None:
+        check_memory(len(images), 1, image_size, 4, f"{source.title} at --image-size {image_size}")
         images = _resize(images, image_size)
     return ImageDataset(images, labels, list(classes), key)
 
@@ -272,39 +349,75 @@ def _image_files(folder: Path) -> list[Path]:
     )
 
 
-def _open_image(path: Path):
+# What Pillow's decoders raise on hostile bytes (its own fuzzing sees all of these). They are caught only around
+# Image.open and load(); our conversion code runs outside that try, so its bugs still show as tracebacks.
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError, KeyError, TypeError,
+                  ArithmeticError, MemoryError)
+
+
+def _decode(path: Path, before_load=None):
+    """Open and fully decode one image file; `before_load(im)` sees the header (size, mode) before the pixels are
+    allocated. Every way the file can be broken ends in a one-sentence NoisecraftError."""
+    from PIL import Image
+
+    im = None
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns between MAX_IMAGE_PIXELS and twice that, then decodes anyway; an image that
+            # large in a training folder is a mistake or a decompression bomb, so it is refused as well.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(path)
+            if before_load is not None:
+                before_load(im)
+            im.load()  # decode now, inside the try, so a corrupt body is caught here
+        return im
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        if im is not None:
+            im.close()
+        raise NoisecraftError(
+            f"Image file {path} declares more pixels than Pillow's safety limit of {Image.MAX_IMAGE_PIXELS} "
+            "(a possible decompression bomb); shrink it or remove it from the folder."
+        ) from None
+    except NoisecraftError:
+        if im is not None:
+            im.close()
+        raise
+    except _DECODE_ERRORS as err:
+        if im is not None:
+            im.close()
+        raise NoisecraftError(
+            f"Cannot read image file {path} ({type(err).__name__}: {_one_line(err)}); delete or replace it."
+        ) from None
+
+
+def _open_image(path: Path, before_load=None):
     """Open one image as "L" or "RGB" (transparency flattened onto black), or raise NoisecraftError."""
     from PIL import Image
 
+    im = original = _decode(path, before_load)
     try:
-        with Image.open(path) as im:
-            im.load()  # decode now, inside the try, so a corrupt body is caught here
-            mode, bands = im.mode, im.getbands()
-            if mode == "P":  # a palette may be grey or colour: look at the actual colours
-                im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-                rgb = np.asarray(im)[..., :3]
-                grey = bool((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all())
-                bands = im.getbands()
-            else:
-                grey = bands[0] in ("L", "1", "I", "F") and len(bands) <= 2
-            if "A" in bands:
-                # Fully transparent pixels carry arbitrary colours; compositing onto black is predictable.
-                rgba = im.convert("RGBA")
-                background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-                background.alpha_composite(rgba)
-                im = background
-            elif mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-                # 16-bit / float greys: scale to 0..255 instead of letting PIL clip them.
-                arr = np.asarray(im, dtype=np.float64)
-                top = 65535.0 if arr.max() > 255 else 255.0
-                im = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-            return im.convert("L" if grey else "RGB")
-    except NoisecraftError:
-        raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise NoisecraftError(
-            f"Cannot read image file {path} ({type(err).__name__}: {err}); delete or replace it."
-        ) from None
+        mode, bands = im.mode, im.getbands()
+        if mode == "P":  # a palette may be grey or colour: look at the actual colours
+            im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+            rgb = np.asarray(im)[..., :3]
+            grey = bool((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all())
+            bands = im.getbands()
+        else:
+            grey = bands[0] in ("L", "1", "I", "F") and len(bands) <= 2
+        if "A" in bands:
+            # Fully transparent pixels carry arbitrary colours; compositing onto black is predictable.
+            rgba = im.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+            background.alpha_composite(rgba)
+            im = background
+        elif mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+            # 16-bit / float greys: scale to 0..255 instead of letting PIL clip them.
+            arr = np.nan_to_num(np.asarray(im, dtype=np.float64), nan=0.0, posinf=65535.0, neginf=0.0)
+            top = 65535.0 if arr.max() > 255 else 255.0
+            im = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+        return im.convert("L" if grey else "RGB")
+    finally:
+        original.close()
 
 
 def _square(im, size: int):
@@ -316,6 +429,28 @@ def _square(im, size: int):
     left, top = (w - side) // 2, (h - side) // 2
     im = im.crop((left, top, left + side, top + side))
     return im if side == size else im.resize((size, size), Image.Resampling.BILINEAR)
+
+
+class _FolderBudget:
+    """Adds up, from each header before its pixels are decoded, the memory a folder's pictures will hold, and
+    refuses the folder when that passes half the machine's memory (the final stack copies everything once)."""
+
+    def __init__(self, root: Path, image_size: int | None):
+        self.root, self.image_size = root, image_size
+        memory = physical_memory()
+        self.left = memory // 2 if memory is not None else None
+        self.total = 0
+
+    def take(self, im) -> None:
+        w, h = im.size
+        kept = 3 * (self.image_size ** 2 if self.image_size is not None else w * h)
+        self.total += kept
+        if self.left is not None and (self.total > self.left or 4 * w * h > self.left):
+            raise NoisecraftError(
+                f"Images in {self.root} would need more than {self.left / 2**30:,.1f} GiB of memory (the "
+                f"last one read, {getattr(im, 'filename', '?')}, is {w}×{h}); pass --image-size N to shrink "
+                "them, or use fewer."
+            )
 
 
 def _load_folder(path_text: str, image_size: int | None) -> ImageDataset:
@@ -356,12 +491,16 @@ def _load_folder(path_text: str, image_size: int | None) -> ImageDataset:
             "directly or in one sub-folder per class."
         )
 
-    pictures = [_open_image(p) for p in files]
+    if image_size is not None:
+        check_memory(len(files), 3, image_size, 2, f"Image folder {root} at --image-size {image_size}")
+    budget = _FolderBudget(root, image_size)
+    pictures = []
+    for p in files:  # resized one by one, so only one full-size picture is held at a time
+        im = _open_image(p, budget.take)
+        pictures.append(_square(im, image_size) if image_size is not None else im)
     mode = "L" if all(im.mode == "L" for im in pictures) else "RGB"
     pictures = [im.convert(mode) for im in pictures]
-    if image_size is not None:
-        pictures = [_square(im, image_size) for im in pictures]
-    else:
+    if image_size is None:
         sizes = {im.size for im in pictures}
         if len(sizes) > 1:
             (w1, h1), (w2, h2) = sorted(sizes)[:2]

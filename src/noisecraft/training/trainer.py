@@ -21,6 +21,7 @@ L_vlb itself (losses.training_loss); t is uniform or importance sampled (timeste
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -30,14 +31,16 @@ from tqdm.auto import tqdm
 
 from ..errors import NoisecraftError
 from ..io.checkpoint import load_json, load_weights, save_json, save_weights
-from ..io.csv_log import append_row
+from ..io.csv_log import append_row, truncate_log
 from ..losses import training_loss
 from ..models.unet import UNet
 from .config import RunConfig
 from .batches import ClassLabels, PixelImages, TrainingBatches
 from .datasets import ImageDataset
+from .distributed import Distributed
 from .ema import EMA
-from .state import load_training_state, save_training_state
+from .speed import SpeedOptions
+from .state import discard_unfinished_writes, load_training_state, reporting_write_errors, save_training_state
 from .timestep_sampler import TimestepSampler
 
 LOG_HEADER = ["step", "loss", "lr", "images_per_s", "elapsed_s"]
@@ -51,27 +54,41 @@ class Trainer:
     """Trains a UNet on an ImageDataset into a run directory. `fit()` runs until the step or time budget."""
 
     def __init__(self, config: RunConfig, dataset: ImageDataset, out_dir: str | Path, device: str = "cpu",
-                 progress: bool = True, batches=None):
+                 progress: bool = True, batches=None, *, distributed: Distributed | None = None,
+                 accumulate: int = 1, speed: SpeedOptions | None = None):
+        """distributed: this process's place in a torchrun job (training/distributed.py); None = one process.
+        accumulate: split each process's share of the batch into this many sequential micro-batches (same
+        result, less memory). speed: autocast precision, channels-last, torch.compile, fused AdamW (speed.py)."""
         self.config = config
         self.dataset = dataset
         self.out_dir = Path(out_dir)
-        self.device = torch.device(device)
-        self.progress = progress
+        self.dist = distributed or Distributed(device=torch.device(device))
+        self.device = self.dist.device
+        self.progress = progress and self.dist.is_main
+        self.accumulate = accumulate
+        self.speed = speed or SpeedOptions()
         d = config.diffusion
         self.schedule = d.make_schedule()
-        torch.manual_seed(config.train.seed)    # the same initial weights for the same seed
+        torch.manual_seed(config.train.seed)    # the same initial weights for the same seed (on every rank)
         self.model = UNet(config.model).to(self.device)
         self.ema = EMA(self.model, config.train.ema_decay)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.train.lr,
-                                           weight_decay=config.train.weight_decay)
+        self.optimizer = self.speed.optimizer(self.model.parameters(), lr=config.train.lr,
+                                              weight_decay=config.train.weight_decay)
         self.generator = torch.Generator("cpu").manual_seed(config.train.seed)
         self.timestep_sampler = TimestepSampler(self.schedule.T, d.timestep_sampling)
         self.step = 0
         self.elapsed_before = 0.0     # training seconds spent by earlier invocations
         self._perm_epoch, self._perm = -1, None
+        self._deadline, self._time_up = None, False
         self._check_dataset()
-        # x0 and cond per step: pixels or cached VAE latents; labels or cached text embeddings (batches.py)
+        # x0 and cond per step: pixels or cached VAE latents; labels or cached text embeddings (batches.py).
+        # Rank 0 fills the run's caches first; the other ranks then read them.
+        if not self.dist.is_main:
+            self.dist.barrier()
         self.batches = batches if batches is not None else build_batches(config, dataset, self.out_dir)
+        if self.dist.is_main:
+            self.dist.barrier()
+        self.net = self.speed.wrap(self.model, self.dist)   # what the loss calls: DDP and/or compiled
 
     # --- data -----------------------------------------------------------------------------
 
@@ -87,6 +104,13 @@ class Trainer:
                                   f"{self.config.train.batch_size}; lower --batch-size.")
         if self.config.data.conditional and self.dataset.labels is None:
             raise NoisecraftError("--conditional needs a labelled dataset (class sub-folders for folder:PATH).")
+        if not isinstance(self.accumulate, int) or self.accumulate < 1:
+            raise NoisecraftError(f"--accumulate must be a positive integer, got {self.accumulate!r}.")
+        parts = self.dist.world_size * self.accumulate
+        if self.config.train.batch_size < parts:
+            raise NoisecraftError(f"a batch of {self.config.train.batch_size} images cannot be split over "
+                                  f"{self.dist.world_size} process(es) x {self.accumulate} accumulation step(s); use "
+                                  f"--batch-size {parts} or more, or fewer processes / --accumulate.")
 
     def batch_indices(self, step: int) -> torch.Tensor:
         """Indices of the examples for `step`: consecutive slices of a per-epoch permutation (drop last)."""
@@ -105,47 +129,84 @@ class Trainer:
         return self.config.train.lr * min(1.0, (step + 1) / warmup) if warmup else self.config.train.lr
 
     def train_step(self) -> float:
-        cfg, g = self.config, self.generator
-        x0, cond = self.batches.batch(self.batch_indices(self.step), g, cfg.train.label_dropout)
-        x0 = x0.to(self.device)
-        cond = None if cond is None else cond.to(self.device)
-        n, d = x0.shape[0], cfg.diffusion
-        t, weights = self.timestep_sampler.sample(n, g)
-        noise = torch.randn(x0.shape, generator=g)
+        """One optimizer step on the global batch of `batch_size` images: this process's shard of it, in
+        `accumulate` micro-batches; returns the batch's mean loss (the same on every process)."""
+        cfg, g, d = self.config, self.generator, self.config.diffusion
+        indices = self.batch_indices(self.step)
+        n = len(indices)
+        mine = self.dist.shard(n)
+        # The whole batch's random numbers are drawn on every process, in the same order, and each keeps its
+        # slice: the step is then the same whatever the number of processes or micro-batches.
+        x0, cond = self.batches.batch(indices, g, cfg.train.label_dropout, shard=mine)
+        t_all, weights = self.timestep_sampler.sample(n, g)
+        noise = torch.randn((n, *x0.shape[1:]), generator=g)[mine]
+        t, weights = t_all[mine], weights[mine]
         self.model.train()
-        per_example = training_loss(self.model, self.schedule, x0, t.to(self.device), noise.to(self.device), cond,
-                                    prediction=d.prediction, min_snr_gamma=d.min_snr_gamma, learn_sigma=d.learn_sigma,
-                                    loss=d.loss, vlb_weight=d.vlb_weight,
-                                    continuous_decoder=cfg.latent is not None)   # latents are not 8-bit pixels
-        loss = (per_example * weights.to(self.device, per_example.dtype)).mean()
-        if not torch.isfinite(loss):
+        self.optimizer.zero_grad(set_to_none=True)
+        # DDP averages gradients over processes, so each process's loss is its share of the batch sum times
+        # world_size / n: the averaged gradient is then the gradient of the batch mean.
+        scale = self.dist.world_size / n
+        per_example = torch.empty(len(t))
+        micro = torch.arange(len(t)).tensor_split(self.accumulate)
+        for i, part in enumerate(micro):
+            last = i == len(micro) - 1
+            with self.speed.no_sync(self.net, skip=not last):
+                with self.speed.autocast(self.device):
+                    losses = training_loss(self.net, self.schedule, x0[part].to(self.device),
+                                           t[part].to(self.device), noise[part].to(self.device),
+                                           None if cond is None else cond[part].to(self.device),
+                                           prediction=d.prediction, min_snr_gamma=d.min_snr_gamma,
+                                           learn_sigma=d.learn_sigma, loss=d.loss, vlb_weight=d.vlb_weight,
+                                           continuous_decoder=cfg.latent is not None)   # latents: not 8-bit pixels
+                losses = losses.float()
+                self.speed.backward((losses * weights[part].to(self.device)).sum() * scale)
+            per_example[part] = losses.detach().cpu()
+        loss, per_example = self._agree_on_step(per_example, weights, mine, n)
+        if not math.isfinite(loss):
             raise TrainingDiverged(
-                f"the loss became {loss.item()} at step {self.step + 1}; the last good checkpoint in {self.out_dir} "
+                f"the loss became {loss} at step {self.step + 1}; the last good checkpoint in {self.out_dir} "
                 f"is kept — resume with a lower --lr.")
-        self.timestep_sampler.update(t, per_example.detach())
+        self.timestep_sampler.update(t_all, per_example)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.train.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
-        self.optimizer.step()
+        self.speed.step(self.optimizer, self.model.parameters(), cfg.train.grad_clip)
         self.ema.update(self.model, self.step)
         self.step += 1
-        return loss.item()
+        return loss
+
+    def _agree_on_step(self, per_example: torch.Tensor, weights: torch.Tensor, mine: slice,
+                       n: int) -> tuple[float, torch.Tensor]:
+        """Share what every process must know after the backward pass, in one all-reduce: the batch loss, the
+        per-example losses (importance sampling of t learns from all of them) and whether rank 0's time
+        budget is spent (so that all processes stop after the same step)."""
+        time_up = self._deadline is not None and self._elapsed() >= self._deadline
+        if not self.dist.active:
+            self._time_up = time_up
+            return float((per_example * weights).sum() / n), per_example
+        stats = torch.zeros(n + 2, dtype=torch.float64)
+        stats[mine] = per_example.double()
+        stats[n] = float((per_example * weights).sum())
+        stats[n + 1] = float(time_up and self.dist.is_main)
+        stats = self.dist.all_reduce_sum(stats)
+        self._time_up = bool(stats[n + 1] > 0)
+        return float(stats[n] / n), stats[:n].float()
 
     # --- checkpoints ----------------------------------------------------------------------
 
     def save_checkpoint(self) -> None:
-        """Write the exact-resume state (atomically, as a whole folder), then the EMA weights for sampling."""
+        """Write the exact-resume state (atomically, as a whole folder), then the EMA weights for sampling.
+        A full disk (or any OS error) ends in a NoisecraftError naming what survived: the previous checkpoint."""
         out = self.out_dir
-        out.mkdir(parents=True, exist_ok=True)
-        save_json(self.config.to_dict(), out / "config.json")
-        extra = ({"timestep_sampler": self.timestep_sampler.state_dict()}
-                 if self.timestep_sampler.kind != "uniform" else None)
-        save_training_state(out, model=self.model, ema=self.ema, optimizer=self.optimizer, generator=self.generator,
-                            step=self.step, elapsed_s=self.elapsed_before + self._elapsed(), extra=extra)
-        save_weights(self.ema.state_dict(), out / "model.safetensors", metadata={"step": str(self.step), "weights": "ema"})
+        with reporting_write_errors(out, self.step):
+            out.mkdir(parents=True, exist_ok=True)
+            save_json(self.config.to_dict(), out / "config.json")
+            extra = ({"timestep_sampler": self.timestep_sampler.state_dict()}
+                     if self.timestep_sampler.kind != "uniform" else None)
+            save_training_state(out, model=self.model, ema=self.ema, optimizer=self.optimizer,
+                                generator=self.generator, step=self.step,
+                                elapsed_s=self.elapsed_before + self._elapsed(), extra=extra)
+            save_weights(self.ema.state_dict(), out / "model.safetensors",
+                         metadata={"step": str(self.step), "weights": "ema"})
 
     def load_checkpoint(self) -> None:
         state, info = load_training_state(self.out_dir, model=self.model, ema=self.ema, optimizer=self.optimizer,
@@ -157,6 +218,11 @@ class Trainer:
                                       f"needs to resume exactly; the run directory is inconsistent.")
             self.timestep_sampler.load_state_dict(load_weights(state / "timestep_sampler.safetensors"))
         self.step, self.elapsed_before = int(info["step"]), float(info["elapsed_s"])
+        if self.dist.is_main:
+            # A killed run can leave half-written files and log rows past the checkpoint (or a torn last row):
+            # drop them, so that the log holds every step exactly once however often the run was interrupted.
+            discard_unfinished_writes(self.out_dir, ("config.json", "model.safetensors", "log.csv"))
+            truncate_log(self.out_dir / "log.csv", self.step)
 
     # --- the loop -------------------------------------------------------------------------
 
@@ -176,17 +242,19 @@ class Trainer:
         if cfg.steps is None and cfg.minutes is None:
             raise NoisecraftError("give a training budget: --steps N or --minutes M.")
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        deadline = None if cfg.minutes is None else cfg.minutes * 60.0
+        deadline = self._deadline = None if cfg.minutes is None else cfg.minutes * 60.0
+        self._time_up = deadline is not None and deadline <= 0
         start_step = self.step
         self._t0 = time.perf_counter()
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True)
         losses, window_t0, window_step, last_loss = [], time.perf_counter(), self.step, float("nan")
         try:
-            while (cfg.steps is None or self.step < cfg.steps) and (deadline is None or self._elapsed() < deadline):
+            # the time budget is rank 0's clock, shared with the others inside each step (_agree_on_step)
+            while (cfg.steps is None or self.step < cfg.steps) and not self._time_up:
                 last_loss = self.train_step()
                 losses.append(last_loss)
                 bar.update(1)
-                if cfg.log_every and self.step % cfg.log_every == 0:
+                if cfg.log_every and self.step % cfg.log_every == 0 and self.dist.is_main:
                     now = time.perf_counter()
                     ips = (self.step - window_step) * cfg.batch_size / max(now - window_t0, 1e-9)
                     self._log([self.step, f"{sum(losses) / len(losses):.6f}", f"{self.lr_at(self.step - 1):.3g}",
@@ -195,18 +263,38 @@ class Trainer:
                                     left=self._time_left(deadline, ips, cfg))
                     losses, window_t0, window_step = [], now, self.step
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
-                    self.save_checkpoint()
-                if sample_fn is not None and cfg.sample_every and self.step % cfg.sample_every == 0:
+                    self._checkpoint_on_rank0()
+                if (sample_fn is not None and cfg.sample_every and self.step % cfg.sample_every == 0
+                        and self.dist.is_main):
                     sample_fn(self, self.out_dir / "samples" / f"step_{self.step:07d}.png")
         except KeyboardInterrupt:
             bar.write("interrupted: saving a checkpoint so that --resume continues from here")
         finally:
             bar.close()
         seconds = self._elapsed()
-        self.save_checkpoint()
+        self._checkpoint_on_rank0()
         done = self.step - start_step
         return {"steps": self.step, "steps_this_run": done, "loss": last_loss, "seconds": seconds,
                 "images_per_s": done * cfg.batch_size / max(seconds, 1e-9)}
+
+    def _checkpoint_on_rank0(self) -> None:
+        """Rank 0 writes the checkpoint (the weights are the same everywhere); all processes learn whether it
+        worked, so that a failed write stops every process instead of leaving the others waiting."""
+        if not self.dist.active:
+            self.save_checkpoint()
+            return
+        failure = None
+        if self.dist.is_main:
+            try:
+                self.save_checkpoint()
+            except (NoisecraftError, OSError) as e:
+                failure = e
+        failed = self.dist.all_reduce_sum(torch.tensor([float(failure is not None)]))
+        if failure is not None:
+            raise failure
+        if failed.item() > 0:
+            raise NoisecraftError(f"rank 0 could not write the checkpoint for step {self.step}; its error message "
+                                  f"says why.")
 
     def _time_left(self, deadline, ips, cfg) -> str:
         if deadline is not None:
@@ -237,11 +325,15 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
     return RunConfig.from_dict(load_json(run_dir / "config.json"))
 
 
-def resume_trainer(run_dir: str | Path, dataset: ImageDataset, device="cpu", progress=True, **train_overrides) -> Trainer:
-    """A Trainer restored from a run directory; train_overrides (steps, minutes, ...) change the budget."""
+def resume_trainer(run_dir: str | Path, dataset: ImageDataset, device="cpu", progress=True, *,
+                   distributed: Distributed | None = None, accumulate: int = 1, speed: SpeedOptions | None = None,
+                   **train_overrides) -> Trainer:
+    """A Trainer restored from a run directory; train_overrides (steps, minutes, ...) change the budget. The
+    number of processes, accumulation and speed options may differ from the earlier invocations."""
     config = load_run_config(run_dir)
     overrides = {k: v for k, v in train_overrides.items() if v is not None}
     config = replace(config, train=replace(config.train, **overrides))
-    trainer = Trainer(config, dataset, run_dir, device=device, progress=progress)
+    trainer = Trainer(config, dataset, run_dir, device=device, progress=progress, distributed=distributed,
+                      accumulate=accumulate, speed=speed)
     trainer.load_checkpoint()
     return trainer

@@ -38,7 +38,7 @@ from ..settings import settings_from_dict
 from ..io.checkpoint import load_kind_config, load_weights, save_json, save_weights
 from ..io.csv_log import append_row
 from ..models.vae import AutoencoderKL, VAEConfig
-from .config import _check_number
+from .config import _check_number, brief, check_data_section
 from .datasets import ImageDataset
 from .trainer import TrainingDiverged
 
@@ -444,7 +444,8 @@ def load_vae(run_dir: str | Path, device: str = "cpu") -> tuple[AutoencoderKL, f
     try:
         model_config = VAEConfig.from_dict(config["model"])
     except TypeError as e:
-        raise NoisecraftError(f"the model section of {run_dir / 'config.json'} is invalid ({e}).") from None
+        raise NoisecraftError(f"the model section of {run_dir / 'config.json'} is invalid ({brief(e)}).") from None
+    check_data_section(config.get("data"), run_dir / "config.json")
     scale = config.get("scaling_factor")
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
         raise NoisecraftError(f"{run_dir} has no valid latent scaling factor (got {scale!r}): its training did not "
@@ -454,5 +455,5 @@ def load_vae(run_dir: str | Path, device: str = "cpu") -> tuple[AutoencoderKL, f
         model.load_state_dict(load_weights(run_dir / "model.safetensors"))
     except RuntimeError as e:
         raise NoisecraftError(f"the weights in {run_dir / 'model.safetensors'} do not fit the autoencoder in "
-                              f"config.json ({str(e)[:200]}); the run directory is inconsistent.") from None
+                              f"config.json ({brief(e)}); the run directory is inconsistent.") from None
     return model.to(device).eval(), float(scale), config

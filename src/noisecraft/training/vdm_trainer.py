@@ -33,7 +33,7 @@ from ..io.csv_log import append_row
 from ..models.unet import UNetConfig
 from ..models.vdm import VDM, VDMConfig
 from ..settings import settings_from_dict
-from .config import _check_number, default_model_config
+from .config import _check_number, brief, check_data_section, default_model_config
 from .datasets import ImageDataset
 from .ema import EMA
 from .state import load_training_state, save_training_state
@@ -241,6 +241,7 @@ def read_run_config(run_dir: str | Path) -> dict:
     missing = [k for k in ("model", "vdm", "train", "data") if k not in config]
     if missing:
         raise NoisecraftError(f"{run_dir / 'config.json'} lacks the sections {missing}; restore it or retrain.")
+    check_data_section(config["data"], run_dir / "config.json")
     return config
 
 
@@ -269,7 +270,7 @@ def train_vdm(dataset: ImageDataset, out_dir: str | Path, *, minutes: float | No
             vdm_config = VDMConfig.from_dict(config["vdm"])
             train_config = VDMTrainConfig.from_dict(config["train"])
         except TypeError as e:
-            raise NoisecraftError(f"{out / 'config.json'} is invalid ({e}); restore it or retrain.") from None
+            raise NoisecraftError(f"{out / 'config.json'} is invalid ({brief(e)}); restore it or retrain.") from None
         train_config = replace(train_config, steps=steps, minutes=minutes,
                                **{k: v for k, v in options.items() if k in train_fields})
         trainer = VDMTrainer(unet_config, vdm_config, train_config, dataset, out, device, progress)
@@ -294,12 +295,12 @@ def load_vdm(run_dir: str | Path, device: str = "cpu") -> tuple[VDM, dict]:
     try:
         model = VDM(UNetConfig.from_dict(config["model"]), VDMConfig.from_dict(config["vdm"]))
     except TypeError as e:
-        raise NoisecraftError(f"{run_dir / 'config.json'} is invalid ({e}); restore it or retrain.") from None
+        raise NoisecraftError(f"{run_dir / 'config.json'} is invalid ({brief(e)}); restore it or retrain.") from None
     try:
         model.load_state_dict(load_weights(run_dir / "model.safetensors"))
     except RuntimeError as e:
         raise NoisecraftError(f"the weights in {run_dir / 'model.safetensors'} do not fit the model in config.json "
-                              f"({str(e)[:200]}); the run directory is inconsistent.") from None
+                              f"({brief(e)}); the run directory is inconsistent.") from None
     return model.to(device).eval(), config
 
 
