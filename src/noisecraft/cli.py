@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from .errors import NoisecraftError
+from .commands.arg_types import count, finite_float, int_at_least, positive_int
 from .training.config import DEFAULT_MINUTES
 
 
@@ -73,13 +74,23 @@ def _sample_grid_fn(n: int = 16, steps: int = 25):
     return write
 
 
+def _int_list(text: str, flag: str, example: str, allow_empty: bool) -> tuple[int, ...]:
+    """"1,2,2" -> (1, 2, 2); anything else is one clear sentence."""
+    parts = [p.strip() for p in text.split(",")]
+    if parts == [""] and allow_empty:
+        return ()
+    if not all(p.lstrip("-").isdigit() for p in parts):
+        raise NoisecraftError(f"{flag} takes whole numbers separated by commas (e.g. {example}), got {text!r}.")
+    return tuple(int(p) for p in parts)
+
+
 def _build_config(args, dataset, distributed=None):
     from .training.config import make_run_config
     model = {k: getattr(args, k) for k in ("base_channels", "num_res_blocks", "dropout")}
     if args.channel_mults:
-        model["channel_mults"] = tuple(int(m) for m in args.channel_mults.split(","))
+        model["channel_mults"] = _int_list(args.channel_mults, "--channel-mults", "1,2,2", allow_empty=False)
     if args.attention_levels is not None:
-        model["attention_levels"] = tuple(int(a) for a in args.attention_levels.split(",") if a.strip())
+        model["attention_levels"] = _int_list(args.attention_levels, "--attention-levels", "2", allow_empty=True)
     diffusion = dict(schedule=args.schedule, prediction=args.prediction, min_snr_gamma=args.min_snr_gamma,
                      learn_sigma=True if args.learn_sigma else None, vlb_weight=args.vlb_weight,
                      timestep_sampling=args.timestep_sampling,
@@ -228,6 +239,14 @@ def cmd_train(args) -> int:
         close_distributed(distributed)
 
 
+def _run_settings(args) -> dict:
+    """The train flags that define a run (its config.json), by flag name."""
+    names = ("out", "conditional", "latent", "text_encoder", "batch_size", "lr", "warmup_steps", "ema_decay", "seed",
+             "label_dropout", "schedule", "prediction", "min_snr_gamma", "learn_sigma", "loss", "vlb_weight",
+             "timestep_sampling", "base_channels", "channel_mults", "num_res_blocks", "attention_levels", "dropout")
+    return {"--" + n.replace("_", "-"): getattr(args, n) for n in names}
+
+
 def _train(args, distributed, speed) -> int:
     from .io.checkpoint import existing_state_dir
     from .models.unet import count_parameters
@@ -240,8 +259,13 @@ def _train(args, distributed, speed) -> int:
         config = load_run_config(run)
         args.dataset = config.data.dataset
         args.image_size = config.data.image_shape[-1] if args.image_size is None else args.image_size
+        fixed = [flag for flag, value in _run_settings(args).items() if value not in (None, False)]
+        if fixed:
+            raise NoisecraftError(f"{', '.join(fixed)} cannot change when resuming: the run keeps the settings in "
+                                  f"{run / 'config.json'}; drop them, or start a new run with --out.")
         dataset = _load_data(args)
-        trainer = resume_trainer(run, dataset, steps=args.steps, minutes=args.minutes, **options)
+        trainer = resume_trainer(run, dataset, steps=args.steps, minutes=args.minutes, sample_every=args.sample_every,
+                                 checkpoint_every=args.checkpoint_every, log_every=args.log_every, **options)
         say(f"resuming {run} at step {trainer.step}")
     else:
         if args.out is None:
@@ -622,9 +646,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dropout", type=float, default=None)
     t.add_argument("--sample-every", type=int, default=None)
     t.add_argument("--checkpoint-every", type=int, default=None)
-    t.add_argument("--log-every", type=int, default=None, help="log.csv row every N steps (default 25)")
+    t.add_argument("--log-every", type=count, default=None, help="log.csv row every N steps (default 25)")
     t.add_argument("--device", default="cpu", help="cpu | cuda (under torchrun: one GPU per process)")
-    t.add_argument("--accumulate", type=int, default=1, metavar="K",
+    t.add_argument("--accumulate", type=positive_int, default=1, metavar="K",
                    help="gradient accumulation: each process's share of the batch in K micro-batches")
     t.add_argument("--precision", default="fp32", help="fp32 | bf16 (autocast) | fp16 (autocast + grad scaler, GPU)")
     t.add_argument("--compile", action="store_true", help="torch.compile the U-Net (slow first steps)")
@@ -638,14 +662,14 @@ def build_parser() -> argparse.ArgumentParser:
                             "(or a run directory)")
         q.add_argument("--model-config", default=None, metavar="FOLDER",
                        help="with a single-file --model: take its configuration from this diffusers folder")
-        q.add_argument("--height", type=int, default=None, help="image height (a multiple of the VAE factor, 8 for SD)")
-        q.add_argument("--width", type=int, default=None, help="image width")
+        q.add_argument("--height", type=positive_int, default=None, help="image height (a multiple of the VAE factor, 8 for SD)")
+        q.add_argument("--width", type=positive_int, default=None, help="image width")
         q.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 for the U-Net and text encoder")
-        q.add_argument("--attention-slicing", type=int, default=None, metavar="N",
+        q.add_argument("--attention-slicing", type=positive_int, default=None, metavar="N",
                        help="compute attention N query positions at a time (less memory)")
         q.add_argument("--vae-tiling", action="store_true", help="decode through overlapping tiles (large images)")
         q.add_argument("--mix-prompt", default=None, help="text models: blend this prompt's embeddings into --prompt")
-        q.add_argument("--mix", type=float, default=0.5, help="weight of --mix-prompt (0: prompt only, 1: it only)")
+        q.add_argument("--mix", type=finite_float(), default=0.5, help="weight of --mix-prompt (0: prompt only, 1: it only)")
         q.add_argument("--mix-tokens", type=int, nargs="+", default=None, metavar="I",
                        help="blend only these token positions (1 = the first word; default: all)")
         q.add_argument("--steps-dir", default=None,
@@ -654,46 +678,46 @@ def build_parser() -> argparse.ArgumentParser:
                        help="ddpm | ddim | plms | lms | euler | euler_ancestral | heun | dpmpp_2m | dpmpp_2m_sde | "
                             "langevin | pc, or a known alias: 'Euler a', 'DPM++ 2M', 'DPM++ 2M Karras' (any name + "
                             "' Karras')")
-        q.add_argument("--steps", type=int, default=50)
+        q.add_argument("--steps", type=positive_int, default=50)
         q.add_argument("--spacing", default=None, help="leading | trailing | linspace (default: the model's; "
                                                         "leading, or linspace for Stable Diffusion)")
         q.add_argument("--karras", action="store_true", help="Karras et al. (EDM) sigma spacing instead of --spacing")
-        q.add_argument("--eta", type=float, default=None,
+        q.add_argument("--eta", type=finite_float(lo=0), default=None,
                        help="noise of ddim, euler_ancestral, dpmpp_2m_sde (0: deterministic)")
         q.add_argument("--variance", default=None,
                        help="DDPM variance: small (posterior) | large (beta) | learned (--learn-sigma models' default)")
-        q.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale w (1 = none)")
+        q.add_argument("--guidance", type=finite_float(), default=1.0, help="classifier-free guidance scale w (1 = none)")
         q.add_argument("--negative-label", type=int, default=None,
                        help="with --guidance w > 1: steer away from this class (it replaces the null label)")
         q.add_argument("--negative-prompt", default=None,
                        help="text runs, with --guidance w > 1: steer away from this prompt (it replaces the empty one)")
         q.add_argument("--out", default=None, help=".npz with uint8 images N×H×W×C (and labels)")
         q.add_argument("--grid", default=None, help="PNG grid of the first --grid-n images")
-        q.add_argument("--grid-n", type=int, default=64)
+        q.add_argument("--grid-n", type=positive_int, default=64)
         q.add_argument("--gif", default=None, help="GIF of the denoising process (first 16 images)")
-        q.add_argument("--save-every", type=int, default=0,
+        q.add_argument("--save-every", type=count, default=0,
                        help="keep x_t and x0_hat every k steps; written (decoded) as PNGs into --steps-dir")
         q.add_argument("--device", default="cpu")
         if outputs:
             q.add_argument("--seed", type=int, default=0)
             q.add_argument("--label", type=int, default=None, help="class to draw (conditional runs)")
             q.add_argument("--prompt", default=None, help="what to draw (text-conditional runs)")
-            q.add_argument("--batch-size", type=int, default=250)
+            q.add_argument("--batch-size", type=positive_int, default=250)
             q.add_argument("--guide", default=None,
                            help="loss guidance: module:function or path/to/file.py:function, a loss(x0) -> one value "
                                 "per sample to push down, e.g. noisecraft.guides:brightness")
-            q.add_argument("--guide-scale", type=float, default=0.05, help="loss guidance step size (pixel units)")
-            q.add_argument("--guide-every", type=int, default=1, help="apply loss guidance every k denoiser calls")
+            q.add_argument("--guide-scale", type=finite_float(), default=0.05, help="loss guidance step size (pixel units)")
+            q.add_argument("--guide-every", type=positive_int, default=1, help="apply loss guidance every k denoiser calls")
             q.add_argument("--guide-mode", default="x0", choices=["x0", "score"],
                            help="x0: shift x0_hat by the loss gradient (cheap, robust); score: gradient through the "
                                 "network (Universal Guidance, Bansal et al. 2023)")
-            q.add_argument("--guide-max-sigma", type=float, default=None,
+            q.add_argument("--guide-max-sigma", type=finite_float(lo=0), default=None,
                            help="apply loss guidance only at noise levels sigma <= this "
                                 "(useful with --guide-mode score)")
 
     s = sub.add_parser("sample", help="draw samples from a trained run (with optional guidance)")
     sampling_args(s)
-    s.add_argument("--n", type=int, default=64)
+    s.add_argument("--n", type=positive_int, default=64)
     # DDPM with 10 steps: on the 20-minute MNIST run it beat DDIM-50 (domain score 5.3 vs 9.6, n=200) at a fifth
     # of the cost — 1000 samples in 42 s on 2 cores (README, "sample quality vs network evaluations").
     s.set_defaults(func=cmd_sample, sampler="ddpm", steps=10)
@@ -701,7 +725,7 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("txt2img", help="draw images from a prompt (text-conditional runs)")
     sampling_args(x)
     x.add_argument("text", metavar="PROMPT", help='what to draw, e.g. "a pair of trousers"')
-    x.add_argument("--n", type=int, default=16)
+    x.add_argument("--n", type=positive_int, default=16)
     # Sampler, steps and guidance: the model's own defaults (30 DDPM steps at guidance 4 for our runs; LMS, 50
     # steps, guidance 7.5 for Stable Diffusion), unless given.
     x.set_defaults(func=cmd_txt2img, sampler=None, steps=None, guidance=None)
@@ -709,16 +733,16 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("img2img", help="edit images (SDEdit): noise them to --strength and denoise")
     sampling_args(e)
     e.add_argument("--input", required=True, help="an image file, or an .npz with 'images' N×H×W×C uint8")
-    e.add_argument("--strength", type=float, default=0.6, help="in (0, 1]: how much noise, hence how much change")
-    e.add_argument("--n", type=int, default=None, help="outputs (default: one per input image)")
+    e.add_argument("--strength", type=finite_float(), default=0.6, help="in (0, 1]: how much noise, hence how much change")
+    e.add_argument("--n", type=positive_int, default=None, help="outputs (default: one per input image)")
     e.set_defaults(func=cmd_img2img)
 
     i = sub.add_parser("inpaint", help="fill the white part of --mask, keep the rest of --input")
     sampling_args(i)
     i.add_argument("--input", required=True, help="an image file, or an .npz with 'images' N×H×W×C uint8")
     i.add_argument("--mask", required=True, help="black-and-white image: white = generate, black = keep")
-    i.add_argument("--n", type=int, default=None, help="outputs (default: one per input image)")
-    i.add_argument("--strength", type=float, default=None,
+    i.add_argument("--n", type=positive_int, default=None, help="outputs (default: one per input image)")
+    i.add_argument("--strength", type=finite_float(), default=None,
                    help="inpainting U-Nets (SD's 9-channel model): start from the image noised to this level "
                         "(default 1: pure noise)")
     i.set_defaults(func=cmd_inpaint)
@@ -726,7 +750,7 @@ def build_parser() -> argparse.ArgumentParser:
     n = sub.add_parser("interpolate", help="a path between two seeds (slerp of the starting noise)")
     sampling_args(n, outputs=False)
     n.add_argument("--seeds", type=int, nargs=2, default=[0, 1], metavar=("A", "B"))
-    n.add_argument("--n", type=int, default=8, help="images on the path, ends included")
+    n.add_argument("--n", type=int_at_least(2), default=8, help="images on the path, ends included")
     n.add_argument("--labels", type=int, nargs="+", default=None, metavar="LABEL",
                    help="a class for the whole path, or two: the class moves from the first to the second")
     n.add_argument("--prompts", nargs="+", default=None, metavar="PROMPT",
@@ -739,11 +763,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--vae", default=None, help="viz latents: the autoencoder run (from noisecraft train-vae)")
     data_args(v)
     v.add_argument("--sampler", default="ddim", help="viz reverse: the sampler")
-    v.add_argument("--steps", type=int, default=50, help="viz reverse: sampling steps")
+    v.add_argument("--steps", type=positive_int, default=50, help="viz reverse: sampling steps")
     v.add_argument("--save-every", type=int, default=None,
                    help="viz reverse: a column every k steps (default steps/10)")
     v.add_argument("--gif", default=None, help="viz reverse: also a GIF of x_t")
-    v.add_argument("--n", type=int, default=16, help="viz reverse: samples in the GIF (the strip shows the first)")
+    v.add_argument("--n", type=positive_int, default=16, help="viz reverse: samples in the GIF (the strip shows the first)")
     v.add_argument("--label", type=int, default=None, help="viz reverse: class (conditional runs)")
     v.add_argument("--prompt", default=None, help="viz reverse: prompt (text-conditional runs)")
     v.add_argument("--guidance", type=float, default=1.0, help="viz reverse: classifier-free guidance scale")
@@ -751,7 +775,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--index", type=int, default=0, help="viz forward: which dataset image")
     v.add_argument("--t", type=int, nargs="+", default=None, help="viz forward: timesteps to show (default 0 50 ... 999)")
     v.add_argument("--schedule", default="cosine")
-    v.add_argument("--T", type=int, default=1000)
+    v.add_argument("--T", type=int_at_least(2), default=1000)
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--out", default=None)
     v.set_defaults(func=cmd_viz)

@@ -5,6 +5,14 @@ Anything a user can cause (a bad path, a corrupt file, an unknown name, a wrong 
 that sentence and exits with status 2 instead of showing a traceback.
 """
 
+import re
+
 
 class NoisecraftError(Exception):
-    """An error caused by user input; its message is one sentence: what is wrong and how to fix it."""
+    """An error caused by user input; its message is one sentence: what is wrong and how to fix it.
+
+    Line breaks inside the message (e.g. from a quoted torch error) are folded into spaces, so the message
+    is always one line."""
+
+    def __init__(self, message: object = ""):
+        super().__init__(re.sub(r"\s*\n\s*", " ", str(message)).strip())

@@ -26,6 +26,14 @@ _active: list["PeakMemory"] = []      # open blocks whose counter a new block's 
 _active_lock = threading.Lock()
 
 
+def physical_memory() -> int | None:
+    """Bytes of RAM in this machine, or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
 def format_bytes(n: int) -> str:
     """A byte count in binary units, two decimals below 10 and one above: 512 → "512 B", 1.5·2²⁰ → "1.50 MiB",
     512·2²⁰ → "512.0 MiB", 2³⁰ → "1.00 GiB"."""

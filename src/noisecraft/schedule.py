@@ -20,6 +20,7 @@ import torch
 from .errors import NoisecraftError
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "cosine")
+MAX_T = 100_000    # diffusion steps; far above any published schedule, far below an allocation that fails
 
 
 def linear_betas(T: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
@@ -84,8 +85,8 @@ class NoiseSchedule:
     def create(cls, kind: str = "linear", T: int = 1000, beta_start: float | None = None,
                beta_end: float | None = None) -> "NoiseSchedule":
         """A named beta schedule: `linear` (DDPM), `scaled_linear` (Stable Diffusion) or `cosine` (improved DDPM)."""
-        if not isinstance(T, int) or T < 2:
-            raise NoisecraftError(f"the number of diffusion steps T must be an integer >= 2, got {T!r}.")
+        if not isinstance(T, int) or not 2 <= T <= MAX_T:
+            raise NoisecraftError(f"the number of diffusion steps T must be an integer in [2, {MAX_T}], got {T!r}.")
         kw = {k: v for k, v in (("beta_start", beta_start), ("beta_end", beta_end)) if v is not None}
         if kind == "linear":
             betas = linear_betas(T, **kw)

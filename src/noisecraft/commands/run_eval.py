@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import NoisecraftError
+from .arg_types import count, finite_float, positive_int
 
 
 def _test_images(config, args, n: int):
@@ -150,18 +151,18 @@ def add_parsers(sub) -> None:
     e = sub.add_parser("eval", help="likelihood (bits/dim) and sample quality of a run -> RUN/eval.json, eval.md")
     e.add_argument("run")
     e.add_argument("--nll", action="store_true", help="the variational bound in bits/dim")
-    e.add_argument("--nll-steps", type=int, default=20,
+    e.add_argument("--nll-steps", type=count, default=20,
                    help="timesteps per image for the bound's unbiased estimate (0: all T, the exact bound)")
     e.add_argument("--ode", action="store_true", help="exact bits/dim through the probability-flow ODE")
-    e.add_argument("--rtol", type=float, default=1e-4, help="ODE solver tolerance")
-    e.add_argument("--sigma-min", type=float, default=None, help="ODE: start of the integration (default σ at t=0)")
+    e.add_argument("--rtol", type=finite_float(positive=True), default=1e-4, help="ODE solver tolerance")
+    e.add_argument("--sigma-min", type=finite_float(positive=True), default=None, help="ODE: start of the integration (default σ at t=0)")
     e.add_argument("--fid", action="store_true", help="sample quality: domain FID/KID, precision/recall, classifier")
     e.add_argument("--inception", default=None, help="with --fid: local FID Inception weights (pytorch-fid's .pth)")
-    e.add_argument("--n", type=int, default=1000, help="test images for --nll / --ode")
-    e.add_argument("--samples", type=int, default=1000, help="samples for --fid")
+    e.add_argument("--n", type=positive_int, default=1000, help="test images for --nll / --ode")
+    e.add_argument("--samples", type=positive_int, default=1000, help="samples for --fid")
     e.add_argument("--split", default="test")
     e.add_argument("--data-dir", default=None)
-    e.add_argument("--batch-size", type=int, default=250)
+    e.add_argument("--batch-size", type=positive_int, default=250)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--device", default="cpu")
     e.set_defaults(func=cmd_eval)

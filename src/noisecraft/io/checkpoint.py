@@ -86,6 +86,8 @@ def load_json(path: str | Path) -> dict:
         raise NoisecraftError(f"{path} does not exist; check the path.") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise NoisecraftError(f"{path} is not valid JSON ({e.msg if hasattr(e, 'msg') else e}); restore or delete it.") from None
+    except RecursionError:
+        raise NoisecraftError(f"{path} nests JSON too deeply to be a noisecraft file; restore or delete it.") from None
 
 
 def save_weights(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:

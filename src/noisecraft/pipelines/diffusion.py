@@ -15,6 +15,7 @@ from ..denoiser import ClassifierFreeGuidance, Denoiser
 from ..guidance import LossGuidance, lerp
 from ..errors import NoisecraftError
 from ..io.checkpoint import load_weights
+from ..memory import physical_memory
 from ..models.unet import UNet
 from ..samplers import control, generate
 from ..training.config import RunConfig
@@ -84,11 +85,18 @@ class DiffusionPipeline:
         if height is None and width is None:
             return self.model_shape
         _, h0, w0 = self.image_shape
-        height, width = height or h0, width or w0
+        height, width = h0 if height is None else height, w0 if width is None else width
         f = self.downsample_factor
         for name, value in (("height", height), ("width", width)):
             if not isinstance(value, int) or value < f or value % f:
                 raise NoisecraftError(f"{name} must be a positive multiple of {f} for this model, got {value!r}.")
+        # One image's full-resolution U-Net activations (~16 live tensors of base_channels floats per position)
+        # must fit in memory: refuse 100000×100000 before allocating anything.
+        need = (height // f) * (width // f) * self.model.config.base_channels * 4 * 16
+        have = physical_memory()
+        if have is not None and need > have:
+            raise NoisecraftError(f"{height}×{width} images need about {need / 2**30:,.0f} GiB each in the U-Net, more "
+                                  f"than this machine's {have / 2**30:,.0f} GiB; choose a smaller --height/--width.")
         return (self.latent_channels, height // f, width // f)
 
     # --- memory and speed -----------------------------------------------------------------------

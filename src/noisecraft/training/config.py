@@ -16,7 +16,7 @@ from ..denoiser import PREDICTION_TYPES, check_prediction_type
 from ..errors import NoisecraftError
 from ..losses import LOSSES
 from ..models.unet import UNetConfig
-from ..schedule import BETA_SCHEDULES, NoiseSchedule
+from ..schedule import BETA_SCHEDULES, MAX_T, NoiseSchedule
 from .timestep_sampler import TIMESTEP_SAMPLING
 
 CONFIG_VERSION = 1
@@ -66,7 +66,6 @@ def _short(value, limit: int = 80) -> str:
 
 # Upper bounds that no real run comes near; they turn a corrupted or hostile config into a clear error before
 # anything is allocated (a schedule of 10^12 steps, a 10^9-channel image).
-MAX_T = 100_000
 MAX_CHANNELS = 1024
 MAX_VALUES_PER_IMAGE = 2 ** 28     # C·H·W: a 16384×16384 grey image or a 9459×9459 RGB one
 MAX_TEXT_LENGTH = 65_536

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from noisecraft.errors import NoisecraftError
+from noisecraft.memory import physical_memory
 from noisecraft.training.download import SOURCES, ensure_files
 
 DATASET_NAMES = ("digits", "mnist", "fashion-mnist")  # plus "folder:PATH"
@@ -141,14 +142,6 @@ def load_dataset(
 
 # --------------------------------------------------------------------------------------------------
 # Memory
-
-
-def physical_memory() -> int | None:
-    """Bytes of RAM in this machine, or None where the OS does not say."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):
-        return None
 
 
 def check_memory(n: int, channels: int, size: int, bytes_per_value: int, what: str) -> None:

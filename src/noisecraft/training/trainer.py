@@ -40,7 +40,8 @@ from .datasets import ImageDataset
 from .distributed import Distributed
 from .ema import EMA
 from .speed import SpeedOptions
-from .state import discard_unfinished_writes, load_training_state, reporting_write_errors, save_training_state
+from .state import (checkpoint_step, discard_unfinished_writes, load_training_state, reporting_write_errors,
+                    save_training_state, weights_step)
 from .timestep_sampler import TimestepSampler
 
 LOG_HEADER = ["step", "loss", "lr", "images_per_s", "elapsed_s"]
@@ -272,7 +273,11 @@ class Trainer:
         finally:
             bar.close()
         seconds = self._elapsed()
-        self._checkpoint_on_rank0()
+        # A resume with nothing left to do leaves whole files as they are (but completes a half-finished save).
+        up_to_date = (checkpoint_step(self.out_dir) == self.step
+                      and weights_step(self.out_dir / "model.safetensors") == self.step)
+        if self.step != start_step or not up_to_date:
+            self._checkpoint_on_rank0()
         done = self.step - start_step
         return {"steps": self.step, "steps_this_run": done, "loss": last_loss, "seconds": seconds,
                 "images_per_s": done * cfg.batch_size / max(seconds, 1e-9)}
