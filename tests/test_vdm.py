@@ -217,6 +217,34 @@ def test_resume_continues_exactly(digits, tmp_path):
         train_vdm(data, tmp_path / "straight", steps=2, **kw)
 
 
+def test_full_disk_keeps_the_previous_vdm_checkpoint_and_a_resume_trims_the_log(digits, tmp_path, monkeypatch):
+    import errno
+
+    import noisecraft.training.vdm_trainer as vdm_trainer
+    from noisecraft.io.checkpoint import load_json
+    data = digits[0].subset(48)
+    kw = dict(batch_size=16, unet=TINY, seed=2, progress=False, log_every=1, checkpoint_every=0, warmup_steps=2)
+    run = tmp_path / "run"
+    train_vdm(data, run, steps=2, **kw)
+    before = (run / "model.safetensors").read_bytes()
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(vdm_trainer, "save_weights", full)
+    with pytest.raises(NoisecraftError) as err:
+        train_vdm(data, run, steps=4, resume=True, **kw)
+    assert "No space left on device" in str(err.value) and "step 4" in str(err.value) and "\n" not in str(err.value)
+    assert (run / "model.safetensors").read_bytes() == before        # the previous EMA weights survive
+    monkeypatch.undo()
+    # the failed invocation logged steps 3-4; its state (step 4) was saved whole before model.safetensors failed
+    resumed_at = load_json(run / "state" / "COMPLETE")["step"]
+    with open(run / "log.csv", "a") as f:      # as if a kill came after step 6 was logged, mid-row
+        f.write("5,1.0,0.1,1.0,1.0\n6,1.0,0.1,1.0,1.0\n7,0.9")
+    train_vdm(data, run, steps=5, resume=True, **kw)
+    steps = [int(r.split(",")[0]) for r in (run / "log.csv").read_text().splitlines()[1:]]
+    assert steps == list(range(1, 6)) and resumed_at == 4
+
+
 def test_load_vdm_refuses_other_runs(tmp_path):
     with pytest.raises(NoisecraftError, match="no config.json"):
         load_vdm(tmp_path)

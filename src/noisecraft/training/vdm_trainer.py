@@ -29,14 +29,14 @@ from tqdm.auto import tqdm
 
 from ..errors import NoisecraftError
 from ..io.checkpoint import load_kind_config, load_weights, save_json, save_weights
-from ..io.csv_log import append_row
+from ..io.csv_log import append_row, truncate_log
 from ..models.unet import UNetConfig
 from ..models.vdm import VDM, VDMConfig
 from ..settings import settings_from_dict
 from .config import _check_number, brief, check_data_section, default_model_config
 from .datasets import ImageDataset
 from .ema import EMA
-from .state import load_training_state, save_training_state
+from .state import discard_unfinished_writes, load_training_state, reporting_write_errors, save_training_state
 from .trainer import TrainingDiverged
 
 KIND = "vdm"
@@ -156,17 +156,22 @@ class VDMTrainer:
     def save_checkpoint(self) -> None:
         """The exact-resume state as a whole folder swapped in atomically, then the EMA weights."""
         out = self.out_dir
-        out.mkdir(parents=True, exist_ok=True)
-        save_json(self.run_config(), out / "config.json")
-        save_training_state(out, model=self.model, ema=self.ema, optimizer=self.optimizer, generator=self.generator,
-                            step=self.step, elapsed_s=self.elapsed_before + self._elapsed())
-        save_weights(self.ema.state_dict(), out / "model.safetensors",
-                     metadata={"step": str(self.step), "weights": "ema", "kind": KIND})
+        with reporting_write_errors(out, self.step):      # a full disk: one sentence naming what survived
+            out.mkdir(parents=True, exist_ok=True)
+            save_json(self.run_config(), out / "config.json")
+            save_training_state(out, model=self.model, ema=self.ema, optimizer=self.optimizer,
+                                generator=self.generator, step=self.step,
+                                elapsed_s=self.elapsed_before + self._elapsed())
+            save_weights(self.ema.state_dict(), out / "model.safetensors",
+                         metadata={"step": str(self.step), "weights": "ema", "kind": KIND})
 
     def load_checkpoint(self) -> None:
         _, info = load_training_state(self.out_dir, model=self.model, ema=self.ema, optimizer=self.optimizer,
                                       generator=self.generator, start_anew="start a new run in another --out folder")
         self.step, self.elapsed_before = int(info["step"]), float(info["elapsed_s"])
+        # what a kill left behind: half-written files, log rows past the checkpoint
+        discard_unfinished_writes(self.out_dir, ("config.json", "model.safetensors", "log.csv"))
+        truncate_log(self.out_dir / "log.csv", self.step)
 
     # --- the loop -----------------------------------------------------------------------------
 
