@@ -33,6 +33,7 @@ from torch import nn
 
 from ..errors import NoisecraftError
 from ..settings import settings_from_dict
+from .size_limits import check_parameter_count
 from .unet import _short
 from ..io.checkpoint import load_json, load_weights, save_json, save_weights
 from .text_encoders import TEXT_ENCODER_FILE, TextEncoder, _check_prompts
@@ -42,7 +43,6 @@ ACTIVATIONS = ("quick_gelu", "gelu")
 LOGIT_SCALE_INIT = math.log(1 / 0.07)   # CLIP §2.5: temperature τ initialised to 0.07
 # Bounds far above any real text encoder (OpenCLIP ViT-bigG's text tower has 6.9e8 parameters, 32 layers), so that
 # a corrupted or hostile config fails with a clear sentence instead of exhausting the memory.
-MAX_PARAMETERS = 2 ** 33
 MAX_LAYERS, MAX_LENGTH = 256, 65_536
 LOGIT_SCALE_MAX = math.log(100.0)       # ... and clipped so that the logits are scaled by at most 100
 
@@ -90,10 +90,8 @@ class CLIPTextConfig:
             raise NoisecraftError(f"CLIP settings out of range: at most {MAX_LAYERS} layers and {MAX_LENGTH} "
                                   f"positions (got {self.layers} and {self.max_length}); fix or delete the config.")
         # Size the network from the settings alone, before a single weight is allocated.
-        n = self.estimated_parameters()
-        if n > MAX_PARAMETERS:
-            raise NoisecraftError(f"these CLIP text settings give a transformer of about {n:.3g} parameters, more "
-                                  f"than the {MAX_PARAMETERS:.3g} noisecraft builds; lower width, layers or vocab_size.")
+        check_parameter_count(self.estimated_parameters(), "a CLIP text transformer",
+                              "lower width, layers or vocab_size")
 
     def estimated_parameters(self) -> int:
         """Parameters of the text transformer (with its projection), computed from the settings alone."""

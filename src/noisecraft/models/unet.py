@@ -29,13 +29,13 @@ from torch import nn
 from ..errors import NoisecraftError
 from ..settings import settings_from_dict
 from .attention import SelfAttention2d
+from .size_limits import check_parameter_count
 from .embeddings import LabelEmbedding, TimeEmbedding, timestep_embedding
 from .transformer import SpatialTransformer
 
 
 # Bounds far above any real U-Net (Stable Diffusion XL's has 2.6e9 parameters and 3 levels), so that a corrupted
 # or hostile config fails with a clear sentence instead of exhausting the memory.
-MAX_PARAMETERS = 2 ** 33
 MAX_LEVELS = 12
 MAX_BLOCKS = 64
 MAX_IO_CHANNELS = 1024
@@ -131,11 +131,8 @@ class UNetConfig:
                                   "set one of them to its default (0 or None).")
         # Size the network from the settings alone, before a single weight is allocated: base_channels = 10^9
         # must be a clear error, not an attempt to allocate 10^19 floats.
-        n = self.estimated_parameters()
-        if n > MAX_PARAMETERS:
-            raise NoisecraftError(f"these model settings give a U-Net of about {n:.3g} parameters, more than the "
-                                  f"{MAX_PARAMETERS:.3g} noisecraft builds; lower base_channels, channel_mults, "
-                                  "num_res_blocks, num_classes or context_dim.")
+        check_parameter_count(self.estimated_parameters(), "a U-Net",
+                              "lower base_channels, channel_mults, num_res_blocks, num_classes or context_dim")
 
     def estimated_parameters(self) -> int:
         """The parameter count of UNet(self), computed from the settings without building anything (exact up to

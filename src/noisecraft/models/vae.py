@@ -21,11 +21,11 @@ from torch import nn
 
 from ..errors import NoisecraftError
 from ..settings import settings_from_dict
+from .size_limits import check_parameter_count
 from .unet import _short
 
 # Bounds far above any real autoencoder (Stable Diffusion's has 8.4e7 parameters), so that a corrupted or hostile
 # config fails with a clear sentence instead of exhausting the memory.
-MAX_PARAMETERS = 2 ** 33
 MAX_LEVELS, MAX_BLOCKS, MAX_IO_CHANNELS = 12, 64, 1024
 NORM_EPS = 1e-6                    # GroupNorm epsilon of Stable Diffusion's autoencoder
 LOGVAR_RANGE = (-30.0, 20.0)       # log σ² is clamped here, as in SD, so exp() never overflows
@@ -66,10 +66,7 @@ class VAEConfig:
             raise NoisecraftError(f"VAE settings out of range: at most {MAX_LEVELS} levels, {MAX_BLOCKS} layers per "
                                   f"block and {MAX_IO_CHANNELS} image or latent channels; fix or delete the config.")
         # Size the network from the settings alone, before a single weight is allocated.
-        n = self.estimated_parameters()
-        if n > MAX_PARAMETERS:
-            raise NoisecraftError(f"these VAE settings give an autoencoder of about {n:.3g} parameters, more than "
-                                  f"the {MAX_PARAMETERS:.3g} noisecraft builds; lower block_out_channels.")
+        check_parameter_count(self.estimated_parameters(), "an autoencoder", "lower block_out_channels")
 
     def estimated_parameters(self) -> int:
         """The parameter count of AutoencoderKL(self), computed from the settings without building anything."""
