@@ -151,6 +151,37 @@ def sampling(model: UNet, batch: int = 256) -> dict:
     return out
 
 
+def trainer_breakdown(steps: int = 10) -> dict:
+    """The real Trainer on MNIST (or the bundled digits when MNIST is not on disk) with the default settings:
+    one step's time, and how much of it the data path (indices, gather, t, noise) and the EMA update take."""
+    import tempfile
+
+    from noisecraft.errors import NoisecraftError
+    from noisecraft.training.config import make_run_config
+    from noisecraft.training.datasets import load_dataset
+    from noisecraft.training.trainer import Trainer
+    try:
+        data = load_dataset("mnist", download=False)
+    except NoisecraftError:
+        data = load_dataset("digits", image_size=28)
+    config = make_run_config(data, False, {}, {}, dict(steps=steps + 1, sample_every=0, checkpoint_every=0))
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(config, data, tmp, progress=False)
+        trainer.train_step()
+        step = time_steps(trainer.train_step, steps)
+        g = torch.Generator().manual_seed(0)
+        b = config.train.batch_size
+
+        def data_path():
+            x0, _ = trainer.batches.batch(trainer.batch_indices(trainer.step), g, 0.1)
+            trainer.timestep_sampler.sample(b, g)
+            torch.randn(x0.shape, generator=g)
+        data_s = time_steps(data_path, steps)
+        ema_s = time_steps(lambda: trainer.ema.update(trainer.model, 100), steps)
+    return {"dataset": data.name, "batch": b, "step_s": step, "images_per_s": b / step,
+            "data_path_s": data_s, "ema_s": ema_s}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=128)
@@ -159,9 +190,17 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true", help="also time torch.compile (compiles for minutes)")
     p.add_argument("--profile", action="store_true", help="op-family breakdown of our parameter-matched step")
     p.add_argument("--skip-sampling", action="store_true")
+    p.add_argument("--only-trainer", action="store_true", help="only the Trainer's step breakdown")
     p.add_argument("--save", action="store_true", help=f"write {RESULTS}")
     args = p.parse_args(argv)
     torch.manual_seed(0)
+    breakdown = trainer_breakdown()
+    print(f"Trainer ({breakdown['dataset']}, defaults, batch {breakdown['batch']}): {breakdown['step_s'] * 1000:.0f} ms "
+          f"per step ({breakdown['images_per_s']:.0f} images/s); data path {breakdown['data_path_s'] * 1000:.2f} ms "
+          f"({100 * breakdown['data_path_s'] / breakdown['step_s']:.2f}%), EMA update {breakdown['ema_s'] * 1000:.2f} ms "
+          f"({100 * breakdown['ema_s'] / breakdown['step_s']:.2f}%)")
+    if args.only_trainer:
+        return
     b = args.batch
     call_ours = lambda m, x, t: m(x, t.float())                          # noqa: E731
     call_ref = lambda m, x, t: m(x, t).sample                            # noqa: E731
@@ -210,7 +249,7 @@ def main(argv=None):
           f"({100 * achieved / peak:.0f}%); bf16 matmul peak {peak_bf16:.0f} GFLOP/s")
 
     result = {"threads": torch.get_num_threads(), "batch": b, "rounds": args.rounds, "steps": args.steps,
-              "training": rows, "efficiency": efficiency}
+              "training": rows, "efficiency": efficiency, "trainer": breakdown}
     if args.profile:
         result["profile_percent"] = profile_phases(matched)
         print("profile of the parameter-matched step (% of self CPU time):",
