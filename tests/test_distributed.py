@@ -31,15 +31,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def train(args: list[str], nproc: int = 1, device: str = "cpu") -> subprocess.CompletedProcess:
+def train(args: list[str], nproc: int = 1, device: str = "cpu", ok: bool = True,
+          preexec=None) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if nproc == 1:
         cmd = [sys.executable, "-m", "noisecraft", "train"]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
                "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "noisecraft", "train"]
-    done = subprocess.run(cmd + args + ["--device", device], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = subprocess.run(cmd + args + ["--device", device], env=env, capture_output=True, text=True, timeout=300,
+                          preexec_fn=preexec)
+    assert (done.returncode == 0) == ok, done.stderr[-3000:]
     return done
 
 
@@ -94,6 +96,37 @@ def test_two_processes_with_accumulation_and_a_time_budget_stop_together(tmp_pat
     steps = json.loads((out / "state" / "trainer.json").read_text())["step"]
     assert 0 < steps < 100000
     assert logged_steps(out) == list(range(1, steps + 1))
+
+
+def test_a_diverging_loss_stops_every_process_and_keeps_the_checkpoint(tmp_path):
+    """The loss is all-reduced before the optimizer step, so all ranks see the same inf and stop together."""
+    out = tmp_path / "run"
+    args = [a for a in TINY if a != "--conditional"]
+    done = train(args + ["--steps", "20", "--lr", "1e30", "--checkpoint-every", "1", "--out", str(out)], nproc=2,
+                 ok=False)
+    assert "the loss became inf at step 2" in done.stderr
+    assert done.stderr.count("noisecraft: error:") == 2          # both ranks, one line each
+    assert json.loads((out / "state" / "trainer.json").read_text())["step"] == 1
+    assert logged_steps(out) == [1]
+
+
+def limit_file_size():
+    """In the child: files may not grow past 64 KiB (a full disk, as the OS reports it), and writing past the
+    limit fails with EFBIG instead of killing the process."""
+    import resource
+    import signal
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+
+def test_a_failed_checkpoint_write_on_rank_0_stops_every_process(tmp_path):
+    out = tmp_path / "run"
+    args = [a for a in TINY if a != "--conditional"]
+    done = train(args + ["--steps", "6", "--checkpoint-every", "2", "--out", str(out)], nproc=2, ok=False,
+                 preexec=limit_file_size)
+    assert "could not write the checkpoint" in done.stderr              # rank 0: what happened
+    assert "rank 0 could not write the checkpoint for step 2" in done.stderr   # rank 1: why it stops
+    assert not (out / "state").exists() and not (out / "state.tmp").exists()
 
 
 # --- in one process ------------------------------------------------------------------------------------
