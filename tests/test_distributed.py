@@ -80,6 +80,22 @@ def test_two_processes_give_the_weights_of_one(straight, tmp_path, device):
     assert ddp_loss == pytest.approx(one_loss, rel=1e-5)
 
 
+def test_two_nodes_meeting_through_c10d_rendezvous_give_the_weights_of_one(straight, tmp_path):
+    """Multi-node as torchrun does it, on one host: two agents (--nnodes 2, one process each) find each other
+    through the c10d rendezvous on 127.0.0.1 and share the run folder (a shared file system)."""
+    out, port = tmp_path / "two-nodes", free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "test",
+           "-m", "noisecraft", "train", *TINY, "--steps", "8", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], [err[-2000:] for _, err in outputs]
+    assert sum(o.count("done:") for o, _ in outputs) == 1
+    assert_same_weights(out, straight)
+
+
 def test_resume_on_a_different_number_of_processes(straight, tmp_path):
     out = tmp_path / "run"
     train(TINY + ["--steps", "4", "--out", str(out)], nproc=2)
