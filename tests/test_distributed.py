@@ -198,3 +198,33 @@ def test_mixed_precision_on_a_gpu(tmp_path, precision):
                   speed=SpeedOptions(precision=precision))
     assert [amp.train_step() for _ in range(3)] == pytest.approx(ref_loss, rel=0.05)
     assert all(p.dtype == torch.float32 for p in amp.model.parameters())
+
+
+def test_grad_scaler_clips_unscaled_gradients_and_skips_overflowing_steps():
+    """The fp16 path's bookkeeping, checked on CPU: the loss is scaled by 2^16 before backward, yet clipping and the
+    step see the true gradients (the same update as without scaling); a step with inf gradients is skipped and the
+    scale halves."""
+    torch.manual_seed(0)
+    x, target = torch.randn(32, 4), torch.randn(32, 2)
+    updates = []
+    for scaled in (False, True):
+        torch.manual_seed(1)
+        net = torch.nn.Linear(4, 2)
+        options = SpeedOptions(precision="fp32")
+        if scaled:
+            options.use_grad_scaler("cpu")
+        optimizer = options.optimizer(net.parameters(), lr=0.1, weight_decay=0.0)
+        options.backward((net(x) - target).pow(2).mean() * 100)      # large: clipping at 1 is active
+        options.step(optimizer, net.parameters(), grad_clip=1.0)
+        updates.append(torch.cat([p.detach().flatten() for p in net.parameters()]))
+    torch.testing.assert_close(updates[1], updates[0], rtol=1e-5, atol=1e-6)
+
+    net = torch.nn.Linear(4, 2)
+    options = SpeedOptions(precision="fp32")
+    options.use_grad_scaler("cpu")
+    optimizer = options.optimizer(net.parameters(), lr=0.1, weight_decay=0.0)
+    before = [p.detach().clone() for p in net.parameters()]
+    options.backward(net(x).sum() * float("inf"))
+    options.step(optimizer, net.parameters(), grad_clip=1.0)
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))    # skipped
+    assert options._scaler.get_scale() == 2.0 ** 15

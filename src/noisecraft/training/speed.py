@@ -50,7 +50,7 @@ class SpeedOptions:
             raise NoisecraftError("fp16 training needs a GPU (float16 kernels on CPU are slow and unscaled); use "
                                   "--precision bf16 or fp32 on CPU.")
         if self.precision == "fp16":
-            self._scaler = torch.amp.GradScaler(distributed.device.type)
+            self.use_grad_scaler(distributed.device.type)
         net = model
         if distributed.active:
             from torch.nn.parallel import DistributedDataParallel
@@ -59,6 +59,10 @@ class SpeedOptions:
         if self.compile:
             net = torch.compile(net)
         return net
+
+    def use_grad_scaler(self, device_type: str, init_scale: float = 2.0 ** 16) -> None:
+        """Scale the loss before backward and unscale before clipping and stepping (what fp16 needs)."""
+        self._scaler = torch.amp.GradScaler(device_type, init_scale=init_scale)
 
     # --- one step --------------------------------------------------------------------------
 
