@@ -24,11 +24,9 @@ from __future__ import annotations
 
 import math
 import shutil
-import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from ..errors import NoisecraftError
 from ..io.checkpoint import load_json, load_weights, replace_dir, save_json, save_weights
@@ -38,6 +36,7 @@ from ..models.tokenizer import CLIPTokenizer
 from .captions import Captions, class_prompts
 from .config import brief
 from .datasets import ImageDataset
+from .loop import TrainingLoop
 from .trainer import TrainingDiverged
 
 LOG_HEADER = ["step", "loss", "batch_accuracy", "logit_scale", "lr", "images_per_s", "elapsed_s"]
@@ -103,13 +102,14 @@ def train_clip(dataset: ImageDataset, captions: Captions, out_dir: str | Path, *
         done = max(step / steps if steps else 0.0, elapsed / budget_s if budget_s else 0.0)
         return lr * 0.5 * (1.0 + math.cos(math.pi * min(done, 1.0)))
 
-    step, saved_step, last_loss, t0 = 0, None, float("nan"), time.perf_counter()
+    step, saved_step, last_loss = 0, None, float("nan")
     perm, perm_epoch = None, -1
-    window = {"loss": 0.0, "acc": 0.0, "n": 0, "t": t0, "step": 0}
-    bar = tqdm(total=steps, disable=not progress, unit="step", dynamic_ncols=True)
+    loop = TrainingLoop(steps=steps, minutes=minutes, batch_size=batch_size, log_every=log_every,
+                        checkpoint_every=checkpoint_every, progress=progress,
+                        on_interrupt="interrupted: saving the model trained so far")
     model.train()
-    try:
-        while (steps is None or step < steps) and (budget_s is None or time.perf_counter() - t0 < budget_s):
+    with loop:
+        while loop.more(step):
             epoch, i = divmod(step, per_epoch)
             if epoch != perm_epoch:   # the data order depends only on (seed, epoch)
                 g = torch.Generator("cpu").manual_seed(seed * 1000003 + epoch)
@@ -132,7 +132,7 @@ def train_clip(dataset: ImageDataset, captions: Captions, out_dir: str | Path, *
                         else f"no checkpoint had been written to {out} yet")
                 raise TrainingDiverged(f"the CLIP loss became {loss.item()} at step {step + 1}; {kept} — "
                                        f"train again with a lower --lr.")
-            current_lr = lr_at(step, time.perf_counter() - t0)
+            current_lr = lr_at(step, loop.elapsed())
             for group in optimizer.param_groups:
                 group["lr"] = current_lr
             optimizer.zero_grad(set_to_none=True)
@@ -143,26 +143,17 @@ def train_clip(dataset: ImageDataset, captions: Captions, out_dir: str | Path, *
             last_loss = loss.item()
             with torch.no_grad():   # image -> caption retrieval within the batch, counting identical captions
                 hit = text_idx[(image_emb @ text_emb.T).argmax(dim=1)] == text_idx
-            window["loss"] += last_loss
-            window["acc"] += hit.float().mean().item()
-            window["n"] += 1
-            bar.update(1)
-            if step % log_every == 0:
-                now = time.perf_counter()
-                ips = (step - window["step"]) * batch_size / max(now - window["t"], 1e-9)
-                mean_loss, mean_acc = window["loss"] / window["n"], window["acc"] / window["n"]
-                _log(log_path, [step, f"{mean_loss:.5f}", f"{mean_acc:.4f}", f"{model.logit_scale.exp().item():.2f}",
-                                f"{current_lr:.3g}", f"{ips:.1f}", f"{now - t0:.1f}"])
-                bar.set_postfix(loss=f"{mean_loss:.3f}", acc=f"{mean_acc:.3f}", img_s=f"{ips:.0f}")
-                window = {"loss": 0.0, "acc": 0.0, "n": 0, "t": now, "step": step}
-            if checkpoint_every and step % checkpoint_every == 0:
+            window = loop.stepped(step, {"loss": last_loss, "acc": hit.float().mean().item()})
+            if window:
+                ips = window["images_per_s"]
+                _log(log_path, [step, f"{window['loss']:.5f}", f"{window['acc']:.4f}",
+                                f"{model.logit_scale.exp().item():.2f}", f"{current_lr:.3g}", f"{ips:.1f}",
+                                f"{loop.elapsed():.1f}"])
+                loop.bar.set_postfix(loss=f"{window['loss']:.3f}", acc=f"{window['acc']:.3f}", img_s=f"{ips:.0f}")
+            if loop.checkpoint_due(step):
                 save_clip(out, model, tokenizer, step, record, data_info)
                 saved_step = step
-    except KeyboardInterrupt:
-        bar.write("interrupted: saving the model trained so far")
-    finally:
-        bar.close()
-    seconds = time.perf_counter() - t0
+    seconds = loop.elapsed()
 
     metrics = {}
     accuracy = None

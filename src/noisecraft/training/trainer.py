@@ -22,12 +22,10 @@ L_vlb itself (losses.training_loss); t is uniform or importance sampled (timeste
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from ..errors import NoisecraftError
 from ..io.checkpoint import load_json, load_weights, save_json, save_weights
@@ -39,6 +37,7 @@ from .batches import ClassLabels, PixelImages, TrainingBatches
 from .datasets import ImageDataset
 from .distributed import Distributed
 from .ema import EMA
+from .loop import TrainingLoop
 from .speed import SpeedOptions
 from .state import (checkpoint_step, discard_unfinished_writes, load_training_state, reporting_write_errors,
                     save_training_state, weights_step)
@@ -80,7 +79,8 @@ class Trainer:
         self.step = 0
         self.elapsed_before = 0.0     # training seconds spent by earlier invocations
         self._perm_epoch, self._perm = -1, None
-        self._deadline, self._time_up = None, False
+        self._loop: TrainingLoop | None = None     # the running fit()'s budget and log window
+        self._time_up = False
         self._check_dataset()
         # x0 and cond per step: pixels or cached VAE latents; labels or cached text embeddings (batches.py).
         # Rank 0 fills the run's caches first; the other ranks then read them.
@@ -180,7 +180,7 @@ class Trainer:
         """Share what every process must know after the backward pass, in one all-reduce: the batch loss, the
         per-example losses (importance sampling of t learns from all of them) and whether rank 0's time
         budget is spent (so that all processes stop after the same step)."""
-        time_up = self._deadline is not None and self._elapsed() >= self._deadline
+        time_up = self._loop is not None and self._loop.time_up()
         if not self.dist.active:
             self._time_up = time_up
             return float((per_example * weights).sum() / n), per_example
@@ -228,7 +228,8 @@ class Trainer:
     # --- the loop -------------------------------------------------------------------------
 
     def _elapsed(self) -> float:
-        return time.perf_counter() - self._t0 if hasattr(self, "_t0") else 0.0
+        """Training seconds of this invocation (0 before fit starts)."""
+        return 0.0 if self._loop is None else self._loop.elapsed()
 
     def _log(self, row: list) -> None:
         append_row(self.out_dir / "log.csv", LOG_HEADER, row)
@@ -240,38 +241,28 @@ class Trainer:
         Returns a summary: steps, final loss, images/s, seconds.
         """
         cfg = self.config.train
-        if cfg.steps is None and cfg.minutes is None:
-            raise NoisecraftError("give a training budget: --steps N or --minutes M.")
+        loop = self._loop = TrainingLoop(steps=cfg.steps, minutes=cfg.minutes, step=self.step,
+                                         batch_size=cfg.batch_size, log_every=cfg.log_every,
+                                         checkpoint_every=cfg.checkpoint_every, progress=self.progress)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        deadline = self._deadline = None if cfg.minutes is None else cfg.minutes * 60.0
-        self._time_up = deadline is not None and deadline <= 0
-        start_step = self.step
-        self._t0 = time.perf_counter()
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True)
-        losses, window_t0, window_step, last_loss = [], time.perf_counter(), self.step, float("nan")
-        try:
+        self._time_up = loop.deadline is not None and loop.deadline <= 0
+        start_step, last_loss = self.step, float("nan")
+        with loop:
             # the time budget is rank 0's clock, shared with the others inside each step (_agree_on_step)
-            while (cfg.steps is None or self.step < cfg.steps) and not self._time_up:
+            while loop.more(self.step, time_up=self._time_up):
                 last_loss = self.train_step()
-                losses.append(last_loss)
-                bar.update(1)
-                if cfg.log_every and self.step % cfg.log_every == 0 and self.dist.is_main:
-                    now = time.perf_counter()
-                    ips = (self.step - window_step) * cfg.batch_size / max(now - window_t0, 1e-9)
-                    self._log([self.step, f"{sum(losses) / len(losses):.6f}", f"{self.lr_at(self.step - 1):.3g}",
-                               f"{ips:.1f}", f"{self.elapsed_before + self._elapsed():.1f}"])
-                    bar.set_postfix(loss=f"{sum(losses) / len(losses):.4f}", img_s=f"{ips:.0f}",
-                                    left=self._time_left(deadline, ips, cfg))
-                    losses, window_t0, window_step = [], now, self.step
-                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                window = loop.stepped(self.step, {"loss": last_loss})
+                if window and self.dist.is_main:
+                    ips = window["images_per_s"]
+                    self._log([self.step, f"{window['loss']:.6f}", f"{self.lr_at(self.step - 1):.3g}", f"{ips:.1f}",
+                               f"{self.elapsed_before + self._elapsed():.1f}"])
+                    loop.bar.set_postfix(loss=f"{window['loss']:.4f}", img_s=f"{ips:.0f}",
+                                         left=loop.time_left(self.step, ips))
+                if loop.checkpoint_due(self.step):
                     self._checkpoint_on_rank0()
                 if (sample_fn is not None and cfg.sample_every and self.step % cfg.sample_every == 0
                         and self.dist.is_main):
                     sample_fn(self, self.out_dir / "samples" / f"step_{self.step:07d}.png")
-        except KeyboardInterrupt:
-            bar.write("interrupted: saving a checkpoint so that --resume continues from here")
-        finally:
-            bar.close()
         seconds = self._elapsed()
         # A resume with nothing left to do leaves whole files as they are (but completes a half-finished save).
         up_to_date = (checkpoint_step(self.out_dir) == self.step
@@ -300,15 +291,6 @@ class Trainer:
         if failed.item() > 0:
             raise NoisecraftError(f"rank 0 could not write the checkpoint for step {self.step}; its error message "
                                   f"says why.")
-
-    def _time_left(self, deadline, ips, cfg) -> str:
-        if deadline is not None:
-            left = max(deadline - self._elapsed(), 0.0)
-        elif ips > 0:
-            left = (cfg.steps - self.step) * cfg.batch_size / ips
-        else:
-            return "?"
-        return f"{int(left // 60)}:{int(left % 60):02d}"
 
 
 def build_batches(config: RunConfig, dataset: ImageDataset, run_dir: str | Path) -> TrainingBatches:

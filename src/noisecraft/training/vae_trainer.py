@@ -23,7 +23,6 @@ diffusion multiplies latents by so that they have unit variance.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,7 +30,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..errors import NoisecraftError
 from ..settings import settings_from_dict
@@ -40,6 +38,7 @@ from ..io.csv_log import append_row
 from ..models.vae import AutoencoderKL, VAEConfig
 from .config import _check_number, brief, check_data_section
 from .datasets import ImageDataset
+from .loop import TrainingLoop
 from .trainer import TrainingDiverged
 
 KIND = "vae"
@@ -232,7 +231,7 @@ class VAETrainer:
         self.saved_step = None                        # the step of the checkpoint on disk
         self.diverged_step = None
         self._perm_epoch, self._perm = -1, None
-        self._t0 = None
+        self._loop: TrainingLoop | None = None      # the running fit()'s budget and log window
         self._check_dataset()
 
     def _check_dataset(self) -> None:
@@ -257,7 +256,7 @@ class VAETrainer:
     # --- one step ---------------------------------------------------------------------------
 
     def _elapsed(self) -> float:
-        return 0.0 if self._t0 is None else time.perf_counter() - self._t0
+        return 0.0 if self._loop is None else self._loop.elapsed()
 
     def budget_fraction(self) -> float:
         """How much of the budget is spent: the larger of steps done/steps and minutes used/minutes."""
@@ -363,36 +362,28 @@ class VAETrainer:
         and scaling factor computed), and TrainingDiverged names the step.
         """
         cfg = self.config
-        if cfg.steps is None and cfg.minutes is None:
-            raise NoisecraftError("give a training budget: --steps N or --minutes M.")
+        loop = self._loop = TrainingLoop(steps=cfg.steps, minutes=cfg.minutes, batch_size=cfg.batch_size,
+                                         log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
+                                         progress=self.progress, desc="vae",
+                                         on_interrupt="interrupted: measuring and saving the autoencoder as it is")
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "log.csv").unlink(missing_ok=True)
-        deadline = None if cfg.minutes is None else cfg.minutes * 60.0
-        self._t0 = time.perf_counter()
-        bar = tqdm(total=cfg.steps, disable=not self.progress, unit="step", dynamic_ncols=True, desc="vae")
-        window, window_t0, window_step, last = [], time.perf_counter(), 0, {}
+        logged = ("loss", "recon", "kl", "g_loss", "d_loss")
+        last = {}
         try:
-            while (cfg.steps is None or self.step < cfg.steps) and (deadline is None or self._elapsed() < deadline):
-                last = self.train_step()
-                window.append(last)
-                bar.update(1)
-                if cfg.log_every and self.step % cfg.log_every == 0:
-                    now = time.perf_counter()
-                    ips = (self.step - window_step) * cfg.batch_size / max(now - window_t0, 1e-9)
-                    avg = {k: sum(r[k] for r in window) / len(window) for k in ("loss", "recon", "kl", "g_loss", "d_loss")}
-                    self._log([self.step, *(f"{avg[k]:.6g}" for k in ("loss", "recon", "kl", "g_loss", "d_loss")),
-                               f"{last['lr']:.3g}", f"{ips:.1f}", f"{self._elapsed():.1f}"])
-                    bar.set_postfix(recon=f"{avg['recon']:.4f}", kl=f"{avg['kl']:.3g}", img_s=f"{ips:.0f}")
-                    window, window_t0, window_step = [], now, self.step
-                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
-                    self.save_checkpoint()
+            with loop:
+                while loop.more(self.step):
+                    last = self.train_step()
+                    window = loop.stepped(self.step, {k: last[k] for k in logged})
+                    if window:
+                        self._log([self.step, *(f"{window[k]:.6g}" for k in logged), f"{last['lr']:.3g}",
+                                   f"{window['images_per_s']:.1f}", f"{self._elapsed():.1f}"])
+                        loop.bar.set_postfix(recon=f"{window['recon']:.4f}", kl=f"{window['kl']:.3g}",
+                                             img_s=f"{window['images_per_s']:.0f}")
+                    if loop.checkpoint_due(self.step):
+                        self.save_checkpoint()
         except TrainingDiverged as e:
-            bar.close()
             self._diverged(str(e))
-        except KeyboardInterrupt:
-            bar.write("interrupted: measuring and saving the autoencoder as it is")
-        finally:
-            bar.close()
         seconds = self._elapsed()
         summary = {"steps": self.step, "loss": last.get("loss", float("nan")), "recon": last.get("recon", float("nan")),
                    "seconds": round(seconds, 1), "images_per_s": self.step * cfg.batch_size / max(seconds, 1e-9)}

@@ -19,13 +19,11 @@ Run directory (like `noisecraft train`'s):
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ..errors import NoisecraftError
 from ..io.checkpoint import load_kind_config, load_weights, save_json, save_weights
@@ -36,6 +34,7 @@ from ..settings import settings_from_dict
 from .config import _check_number, brief, check_data_section, default_model_config
 from .datasets import ImageDataset
 from .ema import EMA
+from .loop import TrainingLoop
 from .state import discard_unfinished_writes, load_training_state, reporting_write_errors, save_training_state
 from .trainer import TrainingDiverged
 
@@ -106,7 +105,7 @@ class VDMTrainer:
         self.step = 0
         self.elapsed_before = 0.0
         self._perm_epoch, self._perm = -1, None
-        self._t0 = None
+        self._loop: TrainingLoop | None = None
 
     # --- data and one step ----------------------------------------------------------------------
 
@@ -176,45 +175,36 @@ class VDMTrainer:
     # --- the loop -----------------------------------------------------------------------------
 
     def _elapsed(self) -> float:
-        return 0.0 if self._t0 is None else time.perf_counter() - self._t0
+        return 0.0 if self._loop is None else self._loop.elapsed()
 
     def fit(self) -> dict:
         """Train until `steps` total steps or `minutes` of this invocation; returns a summary with the mean bound
         of the last logged steps ("bpd"), "steps", "seconds", "seconds_per_step", "gamma_0" and "gamma_1"."""
         cfg = self.config
-        if cfg.steps is None and cfg.minutes is None:
-            raise NoisecraftError("give a training budget: --steps N or --minutes M.")
+        loop = self._loop = TrainingLoop(steps=cfg.steps, minutes=cfg.minutes, step=self.step,
+                                         batch_size=cfg.batch_size, log_every=cfg.log_every,
+                                         checkpoint_every=cfg.checkpoint_every, progress=self.progress,
+                                         on_interrupt="interrupted: saving a checkpoint so that training can "
+                                                      "resume from here")
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        deadline = None if cfg.minutes is None else cfg.minutes * 60.0
         start_step = self.step
-        self._t0 = time.perf_counter()
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True)
-        window, window_t0, window_step = [], time.perf_counter(), self.step
         recent: list[float] = []
-        try:
-            while (cfg.steps is None or self.step < cfg.steps) and (deadline is None or self._elapsed() < deadline):
+        with loop:
+            while loop.more(self.step):
                 terms = self.train_step()
-                window.append(terms)
                 recent = (recent + [terms["total"]])[-50:]
-                bar.update(1)
-                if cfg.log_every and self.step % cfg.log_every == 0:
-                    now = time.perf_counter()
-                    ips = (self.step - window_step) * cfg.batch_size / max(now - window_t0, 1e-9)
-                    mean = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
+                window = loop.stepped(self.step, terms)
+                if window:
                     sched = self.model.schedule
                     append_row(self.out_dir / "log.csv", LOG_HEADER, [
-                        self.step, *(f"{mean[k]:.5f}" for k in ("total", "diffusion", "prior", "reconstruction")),
+                        self.step, *(f"{window[k]:.5f}" for k in ("total", "diffusion", "prior", "reconstruction")),
                         f"{sched.gamma_0.item():.4f}", f"{sched.gamma_1.item():.4f}",
-                        f"{self.lr_at(self.step - 1):.3g}", f"{ips:.1f}",
+                        f"{self.lr_at(self.step - 1):.3g}", f"{window['images_per_s']:.1f}",
                         f"{self.elapsed_before + self._elapsed():.1f}"])
-                    bar.set_postfix(bpd=f"{sum(recent) / len(recent):.3f}", img_s=f"{ips:.0f}")
-                    window, window_t0, window_step = [], now, self.step
-                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                    loop.bar.set_postfix(bpd=f"{sum(recent) / len(recent):.3f}",
+                                         img_s=f"{window['images_per_s']:.0f}")
+                if loop.checkpoint_due(self.step):
                     self.save_checkpoint()
-        except KeyboardInterrupt:
-            bar.write("interrupted: saving a checkpoint so that training can resume from here")
-        finally:
-            bar.close()
         seconds = self._elapsed()
         self.save_checkpoint()
         done = self.step - start_step
