@@ -265,9 +265,11 @@ class Trainer:
                     sample_fn(self, self.out_dir / "samples" / f"step_{self.step:07d}.png")
         seconds = self._elapsed()
         # A resume with nothing left to do leaves whole files as they are (but completes a half-finished save).
-        up_to_date = (checkpoint_step(self.out_dir) == self.step
-                      and weights_step(self.out_dir / "model.safetensors") == self.step)
-        if self.step != start_step or not up_to_date:
+        # Rank 0 looks at the files and tells the others, so that all take part in the save or none does.
+        stale = self.dist.is_main and not (checkpoint_step(self.out_dir) == self.step
+                                           and weights_step(self.out_dir / "model.safetensors") == self.step)
+        stale = self.dist.all_reduce_sum(torch.tensor([float(stale)])).item() > 0
+        if self.step != start_step or stale:
             self._checkpoint_on_rank0()
         done = self.step - start_step
         return {"steps": self.step, "steps_this_run": done, "loss": last_loss, "seconds": seconds,
