@@ -428,3 +428,16 @@ def test_eval_command_writes_a_report(tmp_path, monkeypatch):
     text = (run / "eval.md").read_text()
     assert "Variational bound" in text and "Probability-flow ODE" in text and "Sample quality" in text
     assert (run / "eval_terms.png").is_file() and (run / "eval_samples.png").is_file()
+
+    # a train-vdm run through the same command (the classifier trained above is cached)
+    vdm = tmp_path / "vdm"
+    assert main(["train-vdm", "--dataset", "digits", "--out", str(vdm), "--steps", "2", "--batch-size", "8",
+                 "--base-channels", "8", "--channel-mults", "1,2", "--attention-levels", "none", "--quiet"]) == 0
+    assert main(["eval", str(vdm), "--nll", "--n", "8", "--fid", "--samples", "8", "--batch-size", "8"]) == 0
+    report = json.loads((vdm / "eval.json").read_text())
+    bound = report["nll_bound"]
+    assert report["kind"] == "vdm" and bound["n"] == 8 and bound["mean"] > 0
+    assert abs(bound["diffusion"] + bound["prior"] + bound["reconstruction"] - bound["mean"]) < 1e-3 * bound["mean"]
+    assert 0 <= report["sample_quality"]["precision"] <= 1
+    assert "VDM, continuous time" in (vdm / "eval.md").read_text() and (vdm / "eval_samples.png").is_file()
+    assert main(["eval", str(vdm), "--ode"]) == 2          # one clear line: the ODE is for DDPM-family runs

@@ -53,14 +53,21 @@ def _plot_terms(terms: torch.Tensor, path: Path) -> Path:
     return path
 
 
+def _run_kind(run: Path) -> str | None:
+    """The "kind" a run's config.json declares (train-vae / train-vdm runs), None for diffusion runs."""
+    from ..io.checkpoint import load_json
+    config = load_json(run / "config.json") if (run / "config.json").is_file() else {}
+    return config.get("kind") if isinstance(config, dict) else None
+
+
 def cmd_eval(args) -> int:
-    from ..io.checkpoint import save_json
     from ..pipelines.diffusion import DiffusionPipeline
-    from ..viz.images import save_grid
 
     if not (args.nll or args.ode or args.fid):
         raise NoisecraftError("say what to measure: --nll (variational bound), --ode (exact likelihood) and/or --fid.")
     run = Path(args.run)
+    if _run_kind(run) == "vdm":
+        return _eval_vdm(args, run)
     pipe = DiffusionPipeline.from_run(run, device=args.device)
     config = pipe.config
     if (args.nll or args.ode) and config.latent is not None:
@@ -110,31 +117,44 @@ def cmd_eval(args) -> int:
                   f"**{o['mean']:.3f} ± {o['stderr']:.3f} bits/dim** (n={o['n']}, uniform dequantization, "
                   f"rtol {args.rtol}, {o['nfe']:.0f} function evaluations per batch)", ""]
     if args.fid:
-        from ..evaluation.classifier import load_or_train_classifier
-        from ..evaluation.metrics import sample_quality
-        from ..training.datasets import load_dataset
-        inception = None
-        if args.inception:
-            from ..evaluation.inception import load_fid_inception
-            inception = load_fid_inception(args.inception)
-        classifier = load_or_train_classifier(config.data.dataset, data_dir=args.data_dir, progress=False)
-        reference = load_dataset(config.data.dataset, split=args.split, data_dir=args.data_dir,
-                                 image_size=config.data.image_shape[1])
         labels = (torch.arange(args.samples) % config.model.num_classes) if config.model.num_classes else None
         samples = pipe.sample(args.samples, label=labels, seed=args.seed).images
-        save_grid(samples[:64], run / "eval_samples.png")
-        quality = sample_quality(samples, reference, classifier=classifier, inception=inception, labels=labels)
-        report["sample_quality"] = quality
-        lines += ["## Sample quality", "", f"{args.samples} samples (the run's default sampler), against the "
-                  f"{args.split} split. The domain scores use a small classifier trained on the dataset: they are "
-                  "NOT comparable to published Inception FID.", "", "| metric | value |", "|---|---|"]
-        for key in ("fid", "kid", "domain_fid", "domain_kid", "precision", "recall"):
-            if key in quality:
-                lines.append(f"| {key} | {quality[key]:.4g} |")
-        for key in ("accuracy", "entropy"):
-            if key in quality["classifier"]:
-                lines.append(f"| classifier {key} | {quality['classifier'][key]:.4g} |")
-        lines += ["", "![samples](eval_samples.png)", ""]
+        _sample_quality(report, lines, samples, labels, config.data.dataset, config.data.image_shape[1], run, args,
+                        "the run's default sampler")
+    _write_report(report, lines, run)
+    return 0
+
+
+def _sample_quality(report: dict, lines: list, samples, labels, dataset: str, size: int, run: Path, args,
+                    how: str) -> None:
+    """Domain FID/KID, precision/recall and classifier scores of `samples` against the split (report + eval.md)."""
+    from ..evaluation.classifier import load_or_train_classifier
+    from ..evaluation.metrics import sample_quality
+    from ..training.datasets import load_dataset
+    from ..viz.images import save_grid
+    inception = None
+    if args.inception:
+        from ..evaluation.inception import load_fid_inception
+        inception = load_fid_inception(args.inception)
+    classifier = load_or_train_classifier(dataset, data_dir=args.data_dir, progress=False)
+    reference = load_dataset(dataset, split=args.split, data_dir=args.data_dir, image_size=size)
+    save_grid(samples[:64], run / "eval_samples.png")
+    quality = sample_quality(samples, reference, classifier=classifier, inception=inception, labels=labels)
+    report["sample_quality"] = quality
+    lines += ["## Sample quality", "", f"{args.samples} samples ({how}), against the "
+              f"{args.split} split. The domain scores use a small classifier trained on the dataset: they are "
+              "NOT comparable to published Inception FID.", "", "| metric | value |", "|---|---|"]
+    for key in ("fid", "kid", "domain_fid", "domain_kid", "precision", "recall"):
+        if key in quality:
+            lines.append(f"| {key} | {quality[key]:.4g} |")
+    for key in ("accuracy", "entropy"):
+        if key in quality["classifier"]:
+            lines.append(f"| classifier {key} | {quality['classifier'][key]:.4g} |")
+    lines += ["", "![samples](eval_samples.png)", ""]
+
+
+def _write_report(report: dict, lines: list, run: Path) -> None:
+    from ..io.checkpoint import save_json
     save_json(report, run / "eval.json")
     (run / "eval.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     for key in ("nll_bound", "nll_ode"):
@@ -144,6 +164,41 @@ def cmd_eval(args) -> int:
         q = report["sample_quality"]
         print(f"domain FID {q['domain_fid']:.3f}, precision {q['precision']:.3f}, recall {q['recall']:.3f}")
     print(f"wrote {run / 'eval.json'} and {run / 'eval.md'}")
+
+
+def _eval_vdm(args, run: Path) -> int:
+    """`eval` of a train-vdm run: its continuous-time bound (--nll) and the quality of its samples (--fid)."""
+    from ..training.datasets import load_dataset
+    from ..training.vdm_trainer import load_vdm, vdm_bits_per_dim
+    if args.ode:
+        raise NoisecraftError("the probability-flow ODE is implemented for DDPM-family runs; a VDM run reports its "
+                              "continuous-time bound with --nll.")
+    model, config = load_vdm(run, device=args.device)
+    dataset, h = config["data"]["dataset"], config["data"]["image_shape"][1]
+    report = {"run": str(run), "split": args.split, "dataset": dataset, "kind": "vdm"}
+    lines = [f"# Evaluation of {run.name} (variational diffusion model)", "", f"dataset {dataset}, split {args.split}",
+             ""]
+    generator = torch.Generator().manual_seed(args.seed)
+    if args.nll:
+        data = load_dataset(dataset, split=args.split, data_dir=args.data_dir, image_size=h).subset(args.n)
+        t0 = time.perf_counter()
+        out = vdm_bits_per_dim(model, data, batch_size=args.batch_size, generator=generator)
+        report["nll_bound"] = {"mean": out["mean"], "stderr": out["stderr"], "n": out["n"],
+                               "ci95": [out["mean"] - 1.96 * out["stderr"], out["mean"] + 1.96 * out["stderr"]],
+                               "estimator": "continuous-time, one t per image",
+                               **{k: out[k] for k in ("diffusion", "prior", "reconstruction")},
+                               "seconds": time.perf_counter() - t0}
+        b = report["nll_bound"]
+        lines += ["## Variational bound (VDM, continuous time)", "",
+                  f"**{b['mean']:.3f} ± {b['stderr']:.3f} bits/dim** (n={b['n']})", "", "| part | bits/dim |",
+                  "|---|---|", f"| diffusion | {b['diffusion']:.4f} |", f"| prior | {b['prior']:.5f} |",
+                  f"| reconstruction | {b['reconstruction']:.4f} |", ""]
+    if args.fid:
+        with torch.no_grad():
+            samples = torch.cat([model.sample(min(args.batch_size, args.samples - i), generator=generator)
+                                 for i in range(0, args.samples, args.batch_size)]).cpu()
+        _sample_quality(report, lines, samples, None, dataset, h, run, args, "ancestral sampling, 256 steps")
+    _write_report(report, lines, run)
     return 0
 
 
