@@ -182,7 +182,9 @@ def train_classifier(
 
 
 @torch.no_grad()
-def _map_batches(model: SmallClassifier, images, batch_size: int, fn) -> torch.Tensor:
+def map_batches(model: SmallClassifier, images, batch_size: int, fn) -> torch.Tensor:
+    """fn(batch) over `images` (uint8 or float, any layout the classifier accepts) in eval mode, batch by batch,
+    concatenated on the CPU: features, logits or predictions of a whole set without holding its activations."""
     images = _as_float_images(images, model.in_channels)
     device = _model_device(model)
     was_training = model.training
@@ -196,12 +198,12 @@ def _map_batches(model: SmallClassifier, images, batch_size: int, fn) -> torch.T
 
 def classifier_features(model: SmallClassifier, images, batch_size: int = 500) -> np.ndarray:
     """Penultimate-layer features (N x feature_dim, float64 numpy) of uint8 or [-1, 1] float images."""
-    return _map_batches(model, images, batch_size, model.features).double().numpy()
+    return map_batches(model, images, batch_size, model.features).double().numpy()
 
 
 def predict(model: SmallClassifier, images, batch_size: int = 500) -> torch.Tensor:
     """Predicted class index for each image (int64 tensor of length N)."""
-    return _map_batches(model, images, batch_size, lambda x: model(x).argmax(dim=1))
+    return map_batches(model, images, batch_size, lambda x: model(x).argmax(dim=1))
 
 
 def accuracy(model: SmallClassifier, dataset, batch_size: int = 500) -> float:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from noisecraft.errors import NoisecraftError
-from noisecraft.evaluation.classifier import SmallClassifier, _map_batches, classifier_features
+from noisecraft.evaluation.classifier import SmallClassifier, map_batches, classifier_features
 from noisecraft.evaluation.fid import fid_from_features
 
 
@@ -174,7 +174,7 @@ def classifier_report(classifier: SmallClassifier, images, labels=None, batch_si
     count of samples predicted as each class} and, when `labels` (the conditioning class of each sample)
     are given, "accuracy": the share of samples classified as their conditioning class.
     """
-    logits = _map_batches(classifier, images, batch_size, classifier)
+    logits = map_batches(classifier, images, batch_size, classifier)
     return _report_from_logits(logits, labels)
 
 
