@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from noisecraft.commands import vae as vae_commands
+from noisecraft.commands.arg_types import int_list
 from noisecraft.errors import NoisecraftError
 from noisecraft.io.checkpoint import load_json, load_weights, save_json
 from noisecraft.models.vae import AutoencoderKL, DiagonalGaussian, VAEConfig
@@ -347,4 +348,4 @@ def test_train_vae_command_and_viz_latents(_one_thread, tmp_path, capsys):
     with pytest.raises(NoisecraftError, match="--vae"):
         vae_commands.cmd_viz_latents(argparse.Namespace(run=str(tmp_path / "digit.png"), vae=None, out=None))
     with pytest.raises(NoisecraftError, match="integers"):
-        vae_commands._parse_channels("8,x")
+        int_list("8,x", "--channels")

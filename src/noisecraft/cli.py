@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from .errors import NoisecraftError
-from .commands.arg_types import count, finite_float, int_at_least, positive_int
+from .commands.arg_types import count, finite_float, int_at_least, int_list, positive_int
 from .training.config import DEFAULT_MINUTES
 
 
@@ -74,23 +74,13 @@ def _sample_grid_fn(n: int = 16, steps: int = 25):
     return write
 
 
-def _int_list(text: str, flag: str, example: str, allow_empty: bool) -> tuple[int, ...]:
-    """"1,2,2" -> (1, 2, 2); anything else is one clear sentence."""
-    parts = [p.strip() for p in text.split(",")]
-    if parts == [""] and allow_empty:
-        return ()
-    if not all(p.lstrip("-").isdigit() for p in parts):
-        raise NoisecraftError(f"{flag} takes whole numbers separated by commas (e.g. {example}), got {text!r}.")
-    return tuple(int(p) for p in parts)
-
-
 def _build_config(args, dataset, distributed=None):
     from .training.config import make_run_config
     model = {k: getattr(args, k) for k in ("base_channels", "num_res_blocks", "dropout")}
     if args.channel_mults:
-        model["channel_mults"] = _int_list(args.channel_mults, "--channel-mults", "1,2,2", allow_empty=False)
+        model["channel_mults"] = int_list(args.channel_mults, "--channel-mults")
     if args.attention_levels is not None:
-        model["attention_levels"] = _int_list(args.attention_levels, "--attention-levels", "2", allow_empty=True)
+        model["attention_levels"] = int_list(args.attention_levels, "--attention-levels", allow_none=True)
     diffusion = dict(schedule=args.schedule, prediction=args.prediction, min_snr_gamma=args.min_snr_gamma,
                      learn_sigma=True if args.learn_sigma else None, vlb_weight=args.vlb_weight,
                      timestep_sampling=args.timestep_sampling,

@@ -9,16 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import NoisecraftError
-
-
-def _parse_channels(text: str) -> tuple[int, ...]:
-    try:
-        widths = tuple(int(c) for c in text.split(",") if c.strip())
-    except ValueError:
-        raise NoisecraftError(f"--channels takes comma-separated integers such as 32,64,64, got {text!r}.") from None
-    if not widths:
-        raise NoisecraftError("--channels needs at least one width, e.g. 32,64,64.")
-    return widths
+from .arg_types import int_list
 
 
 def _load_splits(args):
@@ -43,7 +34,7 @@ def cmd_train_vae(args) -> int:
         raise NoisecraftError(f"{out} already holds a run; choose another --out or delete it.")
     dataset, test = _load_splits(args)
     model = VAEConfig(in_channels=dataset.image_shape[0], latent_channels=args.latent_channels,
-                      block_out_channels=_parse_channels(args.channels), layers_per_block=args.layers_per_block,
+                      block_out_channels=int_list(args.channels, "--channels"), layers_per_block=args.layers_per_block,
                       norm_groups=args.norm_groups)
     train = {k: getattr(args, k) for k in ("steps", "minutes", "batch_size", "lr", "kl_weight", "gan_weight",
                                            "gan_start", "seed", "warmup_steps")}

@@ -11,18 +11,7 @@ import math
 from pathlib import Path
 
 from ..errors import NoisecraftError
-
-
-def _int_list(text: str, flag: str, allow_none: bool = False) -> tuple[int, ...]:
-    if allow_none and text.strip().lower() in ("none", "off", ""):
-        return ()
-    try:
-        values = tuple(int(c) for c in text.split(",") if c.strip())
-    except ValueError:
-        raise NoisecraftError(f"{flag} takes comma-separated integers such as 1,2,2, got {text!r}.") from None
-    if not values and not allow_none:
-        raise NoisecraftError(f"{flag} needs at least one integer, e.g. 1,2,2.")
-    return values
+from .arg_types import int_list
 
 
 def cmd_train_vdm(args) -> int:
@@ -35,9 +24,9 @@ def cmd_train_vdm(args) -> int:
                            download=not args.no_download)
     unet = {"base_channels": args.base_channels, "num_res_blocks": args.num_res_blocks, "dropout": args.dropout}
     if args.channel_mults:
-        unet["channel_mults"] = _int_list(args.channel_mults, "--channel-mults")
+        unet["channel_mults"] = int_list(args.channel_mults, "--channel-mults")
     if args.attention_levels is not None:
-        unet["attention_levels"] = _int_list(args.attention_levels, "--attention-levels", allow_none=True)
+        unet["attention_levels"] = int_list(args.attention_levels, "--attention-levels", allow_none=True)
     options = {k: getattr(args, k) for k in ("warmup_steps", "ema_decay", "checkpoint_every")
                if getattr(args, k) is not None}
     minutes = args.minutes
@@ -49,7 +38,7 @@ def cmd_train_vdm(args) -> int:
     print(f"{'resuming' if args.resume else 'training'} a variational diffusion model on {dataset.name} "
           f"({len(dataset)} images {c}x{h}x{w}), budget {budget} -> {args.out}")
     summary = train_vdm(dataset, args.out, minutes=minutes, steps=args.steps, batch_size=args.batch_size,
-                        lr=args.lr, unet=unet, fourier=_int_list(args.fourier, "--fourier", allow_none=True),
+                        lr=args.lr, unet=unet, fourier=int_list(args.fourier, "--fourier", allow_none=True),
                         seed=args.seed, device=args.device, resume=args.resume, progress=not args.quiet, **options)
     print(f"done: {summary['steps']} steps in {summary['seconds']:.0f} s ({summary['seconds_per_step']:.3f} s/step); "
           f"training bound {summary['bpd']:.3f} bits/dim (last steps); learned γ_0 = {summary['gamma_0']:.2f}, "

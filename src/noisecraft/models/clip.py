@@ -34,7 +34,8 @@ from torch import nn
 from ..errors import NoisecraftError
 from ..settings import settings_from_dict
 from .size_limits import check_parameter_count
-from .unet import _short
+from ..errors import brief
+from ..errors import short_repr as _short
 from ..io.checkpoint import load_json, load_weights, save_json, save_weights
 from .text_encoders import TEXT_ENCODER_FILE, TextEncoder, _check_prompts
 from .tokenizer import CLIPTokenizer
@@ -466,7 +467,7 @@ class CLIPTextEncoder(TextEncoder):
             encoder.load_state_dict(load_weights(folder / "model.safetensors"))
         except RuntimeError as e:
             raise NoisecraftError(f"the weights in {folder / 'model.safetensors'} do not fit the config in "
-                                  f"{TEXT_ENCODER_FILE} ({str(e)[:200]}); the folder is inconsistent.") from None
+                                  f"{TEXT_ENCODER_FILE} ({brief(e)}); the folder is inconsistent.") from None
         return encoder.freeze()
 
     def extra_repr(self) -> str:

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import NoisecraftError
+from ..errors import short_repr as _short
 from ..settings import settings_from_dict
 from .attention import SelfAttention2d
 from .size_limits import check_parameter_count
@@ -39,12 +40,6 @@ from .transformer import SpatialTransformer
 MAX_LEVELS = 12
 MAX_BLOCKS = 64
 MAX_IO_CHANNELS = 1024
-
-
-def _short(value, limit: int = 80) -> str:
-    """repr of a (possibly huge or nested) value, cut to `limit` characters for a one-line message."""
-    text = " ".join(repr(value).split())
-    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 @dataclass

@@ -22,7 +22,7 @@ from torch import nn
 from ..errors import NoisecraftError
 from ..settings import settings_from_dict
 from .size_limits import check_parameter_count
-from .unet import _short
+from ..errors import short_repr as _short
 
 # Bounds far above any real autoencoder (Stable Diffusion's has 8.4e7 parameters), so that a corrupted or hostile
 # config fails with a clear sentence instead of exhausting the memory.

@@ -40,7 +40,8 @@ from torch import nn
 
 from ..errors import NoisecraftError
 from ..settings import settings_from_dict
-from .unet import UNet, UNetConfig, _short
+from ..errors import short_repr as _short
+from .unet import UNet, UNetConfig
 
 LEVELS = 256
 LOG2 = math.log(2.0)

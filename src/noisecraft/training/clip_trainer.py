@@ -28,13 +28,13 @@ from pathlib import Path
 
 import torch
 
-from ..errors import NoisecraftError
+from ..errors import NoisecraftError, brief
 from ..io.checkpoint import load_json, load_weights, replace_dir, save_json, save_weights
 from ..io.csv_log import append_row
 from ..models.clip import CLIPModel, CLIPTextConfig, CLIPTextEncoder, contrastive_loss
 from ..models.tokenizer import CLIPTokenizer
 from .captions import Captions, class_prompts
-from .config import brief
+from .data_order import EpochOrder
 from .datasets import ImageDataset
 from .loop import TrainingLoop
 from .trainer import TrainingDiverged
@@ -93,7 +93,6 @@ def train_clip(dataset: ImageDataset, captions: Captions, out_dir: str | Path, *
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "log.csv"
     log_path.unlink(missing_ok=True)
-    per_epoch = len(dataset) // batch_size
     budget_s = None if minutes is None else minutes * 60.0
 
     def lr_at(step: int, elapsed: float) -> float:
@@ -103,18 +102,14 @@ def train_clip(dataset: ImageDataset, captions: Captions, out_dir: str | Path, *
         return lr * 0.5 * (1.0 + math.cos(math.pi * min(done, 1.0)))
 
     step, saved_step, last_loss = 0, None, float("nan")
-    perm, perm_epoch = None, -1
+    order = EpochOrder(len(dataset), batch_size, seed)
     loop = TrainingLoop(steps=steps, minutes=minutes, batch_size=batch_size, log_every=log_every,
                         checkpoint_every=checkpoint_every, progress=progress,
                         on_interrupt="interrupted: saving the model trained so far")
     model.train()
     with loop:
         while loop.more(step):
-            epoch, i = divmod(step, per_epoch)
-            if epoch != perm_epoch:   # the data order depends only on (seed, epoch)
-                g = torch.Generator("cpu").manual_seed(seed * 1000003 + epoch)
-                perm, perm_epoch = torch.randperm(len(dataset), generator=g), epoch
-            idx = perm[i * batch_size:(i + 1) * batch_size]
+            idx = order.indices(step)      # the data order depends only on (seed, step)
             images, labels = dataset.batch(idx)
             images = images.to(device)
             text_idx = captions.sample(idx, generator).to(device)

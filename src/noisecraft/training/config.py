@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from ..denoiser import PREDICTION_TYPES, check_prediction_type
-from ..errors import NoisecraftError
+from ..errors import NoisecraftError, brief
+from ..errors import short_repr as _short
 from ..losses import LOSSES
 from ..models.unet import UNetConfig
 from ..schedule import BETA_SCHEDULES, MAX_T, NoiseSchedule
@@ -49,19 +50,6 @@ def _check_number(section: str, name: str, value, lo=None, hi=None, integer=Fals
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         bounds = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
         raise NoisecraftError(f"{section}.{name} must be {bounds}, got {value!r}.")
-
-
-def brief(err, limit: int = 200) -> str:
-    """An exception's text on one line and at most `limit` characters, to quote inside a one-sentence error
-    (torch's load_state_dict messages, for one, span many lines)."""
-    text = " ".join(str(err).split())
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-def _short(value, limit: int = 80) -> str:
-    """repr of a (possibly huge or nested) value, cut to `limit` characters for a one-line message."""
-    text = " ".join(repr(value).split())
-    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 # Upper bounds that no real run comes near; they turn a corrupted or hostile config into a clear error before

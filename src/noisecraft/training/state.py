@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..errors import NoisecraftError
+from ..errors import NoisecraftError, brief
 from ..io.checkpoint import (existing_state_dir, load_json, load_torch, load_weights, remove_temp_files, replace_dir,
                              save_json, save_torch, save_weights)
 
@@ -117,7 +117,7 @@ def load_training_state(out_dir: Path, *, model, ema, optimizer, generator: torc
         ema.load_state_dict(load_weights(state / "ema.safetensors"))
         optimizer.load_state_dict(load_torch(state / "optimizer.pt"))
     except (RuntimeError, ValueError) as e:
-        raise NoisecraftError(f"the weights in {state} do not fit the model in config.json ({str(e)[:200]}); "
+        raise NoisecraftError(f"the weights in {state} do not fit the model in config.json ({brief(e)}); "
                               f"the run directory is inconsistent.") from None
     rng = load_weights(state / "rng.safetensors")
     generator.set_state(rng["generator"])

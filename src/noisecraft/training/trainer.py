@@ -34,6 +34,7 @@ from ..losses import training_loss
 from ..models.unet import UNet
 from .config import RunConfig
 from .batches import ClassLabels, PixelImages, TrainingBatches
+from .data_order import EpochOrder
 from .datasets import ImageDataset
 from .distributed import Distributed
 from .ema import EMA
@@ -78,7 +79,7 @@ class Trainer:
         self.timestep_sampler = TimestepSampler(self.schedule.T, d.timestep_sampling)
         self.step = 0
         self.elapsed_before = 0.0     # training seconds spent by earlier invocations
-        self._perm_epoch, self._perm = -1, None
+        self.order = EpochOrder(len(dataset), self.config.train.batch_size, self.config.train.seed)
         self._loop: TrainingLoop | None = None     # the running fit()'s budget and log window
         self._time_up = False
         self._check_dataset()
@@ -114,14 +115,8 @@ class Trainer:
                                   f"--batch-size {parts} or more, or fewer processes / --accumulate.")
 
     def batch_indices(self, step: int) -> torch.Tensor:
-        """Indices of the examples for `step`: consecutive slices of a per-epoch permutation (drop last)."""
-        bs = self.config.train.batch_size
-        per_epoch = len(self.dataset) // bs
-        epoch, i = divmod(step, per_epoch)
-        if epoch != self._perm_epoch:
-            g = torch.Generator("cpu").manual_seed(self.config.train.seed * 1000003 + epoch)
-            self._perm, self._perm_epoch = torch.randperm(len(self.dataset), generator=g), epoch
-        return self._perm[i * bs:(i + 1) * bs]
+        """Indices of the examples for `step` (data_order.py)."""
+        return self.order.indices(step)
 
     # --- one step -------------------------------------------------------------------------
 

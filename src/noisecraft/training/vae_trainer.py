@@ -31,12 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import NoisecraftError
+from ..errors import NoisecraftError, brief
 from ..settings import settings_from_dict
 from ..io.checkpoint import load_kind_config, load_weights, save_json, save_weights
 from ..io.csv_log import append_row
 from ..models.vae import AutoencoderKL, VAEConfig
-from .config import _check_number, brief, check_data_section
+from .config import _check_number, check_data_section
+from .data_order import EpochOrder
 from .datasets import ImageDataset
 from .loop import TrainingLoop
 from .trainer import TrainingDiverged
@@ -230,7 +231,7 @@ class VAETrainer:
         self.step = 0
         self.saved_step = None                        # the step of the checkpoint on disk
         self.diverged_step = None
-        self._perm_epoch, self._perm = -1, None
+        self.order = EpochOrder(len(dataset), self.config.batch_size, self.config.seed)
         self._loop: TrainingLoop | None = None      # the running fit()'s budget and log window
         self._check_dataset()
 
@@ -245,13 +246,8 @@ class VAETrainer:
                                   f"images {shape}; load both splits with the same --image-size.")
 
     def batch_indices(self, step: int) -> torch.Tensor:
-        """Consecutive slices of a per-epoch permutation (drop last), as in the diffusion Trainer."""
-        bs = self.config.batch_size
-        epoch, i = divmod(step, len(self.dataset) // bs)
-        if epoch != self._perm_epoch:
-            g = torch.Generator("cpu").manual_seed(self.config.seed * 1000003 + epoch)
-            self._perm, self._perm_epoch = torch.randperm(len(self.dataset), generator=g), epoch
-        return self._perm[i * bs:(i + 1) * bs]
+        """Indices of the examples for `step` (data_order.py)."""
+        return self.order.indices(step)
 
     # --- one step ---------------------------------------------------------------------------
 

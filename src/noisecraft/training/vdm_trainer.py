@@ -25,13 +25,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import NoisecraftError
+from ..errors import NoisecraftError, brief
 from ..io.checkpoint import load_kind_config, load_weights, save_json, save_weights
 from ..io.csv_log import append_row, truncate_log
 from ..models.unet import UNetConfig
 from ..models.vdm import VDM, VDMConfig
 from ..settings import settings_from_dict
-from .config import _check_number, brief, check_data_section, default_model_config
+from .config import _check_number, check_data_section, default_model_config
+from .data_order import EpochOrder
 from .datasets import ImageDataset
 from .ema import EMA
 from .loop import TrainingLoop
@@ -104,19 +105,14 @@ class VDMTrainer:
         self.generator = torch.Generator("cpu").manual_seed(train.seed)
         self.step = 0
         self.elapsed_before = 0.0
-        self._perm_epoch, self._perm = -1, None
+        self.order = EpochOrder(len(dataset), self.config.batch_size, self.config.seed)
         self._loop: TrainingLoop | None = None
 
     # --- data and one step ----------------------------------------------------------------------
 
     def batch_indices(self, step: int) -> torch.Tensor:
-        """Consecutive slices of a per-epoch permutation (drop last), as in the diffusion Trainer."""
-        bs = self.config.batch_size
-        epoch, i = divmod(step, len(self.dataset) // bs)
-        if epoch != self._perm_epoch:
-            g = torch.Generator("cpu").manual_seed(self.config.seed * 1000003 + epoch)
-            self._perm, self._perm_epoch = torch.randperm(len(self.dataset), generator=g), epoch
-        return self._perm[i * bs:(i + 1) * bs]
+        """Indices of the examples for `step` (data_order.py)."""
+        return self.order.indices(step)
 
     def lr_at(self, step: int) -> float:
         warmup = self.config.warmup_steps
