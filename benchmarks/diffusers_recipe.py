@@ -186,9 +186,9 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default="benchmarks/out/diffusers_recipe", help="folder for the grid and results")
     args = parser.parse_args(argv)
 
+    from noisecraft.data.datasets import load_dataset
     from noisecraft.evaluation.classifier import load_or_train_classifier
     from noisecraft.evaluation.fid import domain_fid
-    from noisecraft.training.datasets import load_dataset
 
     train = load_dataset("mnist", split="train", data_dir=args.data_dir)
     test = load_dataset("mnist", split="test", data_dir=args.data_dir)

@@ -42,10 +42,10 @@ from pathlib import Path
 
 import torch
 
+from noisecraft.config import load_run_config
 from noisecraft.io.checkpoint import existing_state_dir, load_json, load_torch, load_weights
 from noisecraft.models.unet import UNet
 from noisecraft.training.state import weights_step
-from noisecraft.training.trainer import load_run_config
 
 MODEL_ARGS = ["--dataset", "digits", "--batch-size", "16", "--base-channels", "16", "--channel-mults", "1,2",
               "--attention-levels", "", "--seed", "0", "--log-every", "1", "--sample-every", "0"]

@@ -21,12 +21,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from noisecraft.config import make_run_config  # noqa: E402
+from noisecraft.data.datasets import load_dataset  # noqa: E402
 from noisecraft.evaluation.classifier import load_or_train_classifier  # noqa: E402
 from noisecraft.evaluation.fid import domain_fid, reference_statistics  # noqa: E402
 from noisecraft.models.unet import count_parameters  # noqa: E402
 from noisecraft.pipelines.diffusion import DiffusionPipeline  # noqa: E402
-from noisecraft.training.config import make_run_config  # noqa: E402
-from noisecraft.training.datasets import load_dataset  # noqa: E402
 from noisecraft.training.trainer import Trainer  # noqa: E402
 from noisecraft.viz.images import save_grid  # noqa: E402
 

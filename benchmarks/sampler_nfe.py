@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
+from noisecraft.data.datasets import load_dataset
 from noisecraft.evaluation.classifier import load_or_train_classifier
 from noisecraft.evaluation.fid import domain_fid, reference_statistics
 from noisecraft.pipelines.diffusion import DiffusionPipeline
-from noisecraft.training.datasets import load_dataset
 
 SAMPLERS = ("ddpm", "ddim", "plms", "lms", "euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde")
 NFES = (5, 10, 20, 50, 100, 1000)

@@ -195,7 +195,7 @@ def measure(args) -> int:
     """One measurement of noisecraft's SD 1.5 modules (random weights) in a fresh process: the U-Net at
     --size (batch 2, as classifier-free guidance runs it), with or without attention slicing, or the VAE
     decoder, with or without tiling. Prints JSON: seconds per call (median of --repeats after a warm-up), peak."""
-    from noisecraft.io.diffusers_unet import sd_unet_config
+    from noisecraft.convert.diffusers_unet import sd_unet_config
     from noisecraft.models.unet import UNet
     from noisecraft.models.vae import AutoencoderKL, VAEConfig
     from noisecraft.models.vae_tiling import tiled_decode

@@ -29,11 +29,11 @@ from pathlib import Path
 
 import torch
 
+from noisecraft.data.captions import class_prompts
+from noisecraft.data.datasets import load_dataset
 from noisecraft.evaluation.classifier import load_or_train_classifier, predict
 from noisecraft.evaluation.fid import domain_fid
 from noisecraft.pipelines.diffusion import DiffusionPipeline
-from noisecraft.training.captions import class_prompts
-from noisecraft.training.datasets import load_dataset
 from noisecraft.viz.images import save_grid
 
 SAMPLER, STEPS, GUIDANCE = "ddpm", 30, 4.0   # the txt2img defaults

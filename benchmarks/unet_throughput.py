@@ -30,11 +30,11 @@ from pathlib import Path
 
 import torch
 
+from noisecraft.config import default_model_config
 from noisecraft.denoiser import Denoiser
 from noisecraft.models.unet import UNet, count_parameters
 from noisecraft.samplers import generate
 from noisecraft.schedule import NoiseSchedule
-from noisecraft.training.config import default_model_config
 from noisecraft.training.ema import EMA
 from noisecraft.training.speed import SpeedOptions
 
@@ -156,9 +156,9 @@ def trainer_breakdown(steps: int = 10) -> dict:
     one step's time, and how much of it the data path (indices, gather, t, noise) and the EMA update take."""
     import tempfile
 
+    from noisecraft.config import make_run_config
+    from noisecraft.data.datasets import load_dataset
     from noisecraft.errors import NoisecraftError
-    from noisecraft.training.config import make_run_config
-    from noisecraft.training.datasets import load_dataset
     from noisecraft.training.trainer import Trainer
     try:
         data = load_dataset("mnist", download=False)

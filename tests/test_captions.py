@@ -7,11 +7,17 @@ import pytest
 import torch
 from PIL import Image
 
-from noisecraft.errors import NoisecraftError
-from noisecraft.training.captions import (
-    DIGIT_TEMPLATES, FASHION_TEMPLATES, Captions, captions_for, class_captions, class_prompt, class_prompts,
+from noisecraft.data.captions import (
+    DIGIT_TEMPLATES,
+    FASHION_TEMPLATES,
+    Captions,
+    captions_for,
+    class_captions,
+    class_prompt,
+    class_prompts,
 )
-from noisecraft.training.datasets import DIGIT_CLASSES, FASHION_CLASSES, ImageDataset, load_dataset
+from noisecraft.data.datasets import DIGIT_CLASSES, FASHION_CLASSES, ImageDataset, load_dataset
+from noisecraft.errors import NoisecraftError
 
 
 def _fake(name, labels):

@@ -8,17 +8,24 @@ import math
 import pytest
 import torch
 
+from noisecraft.data.captions import captions_for
+from noisecraft.data.datasets import load_dataset
 from noisecraft.errors import NoisecraftError
 from noisecraft.io.checkpoint import load_json
-from noisecraft.models.clip import (LOGIT_SCALE_INIT, CLIPModel, CLIPTextConfig, CLIPTextEncoder, CLIPTextTransformer,
-                                    contrastive_loss, strip_text_model_prefix)
+from noisecraft.models.clip import (
+    LOGIT_SCALE_INIT,
+    CLIPModel,
+    CLIPTextConfig,
+    CLIPTextEncoder,
+    CLIPTextTransformer,
+    contrastive_loss,
+    strip_text_model_prefix,
+)
 from noisecraft.models.text_encoders import load_text_encoder
 from noisecraft.models.tokenizer import CLIPTokenizer
 from noisecraft.training import clip_trainer
-from noisecraft.training.captions import captions_for
 from noisecraft.training.clip_trainer import load_clip, train_clip
-from noisecraft.training.datasets import load_dataset
-from noisecraft.training.trainer import TrainingDiverged
+from noisecraft.training.loop import TrainingDiverged
 
 PROMPTS = ["a photo of an astronaut riding a horse on the moon, a detailed oil painting by an old master", "the number 7", ""]
 TINY = dict(width=32, layers=2, heads=4)

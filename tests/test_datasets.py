@@ -1,4 +1,4 @@
-"""Tests for noisecraft.training.datasets and .download (fast; real MNIST files come from ../shared/data)."""
+"""Tests for noisecraft.data.datasets and .download (fast; real MNIST files come from ../shared/data)."""
 
 from __future__ import annotations
 
@@ -16,13 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
 
-from noisecraft.errors import NoisecraftError
-from noisecraft.training import download as dl
-from noisecraft.training.datasets import (
+from noisecraft.data import download as dl
+from noisecraft.data.datasets import (
     DATASET_NAMES,
     FASHION_CLASSES,
     ImageDataset,
@@ -30,6 +28,7 @@ from noisecraft.training.datasets import (
     parse_idx,
     resolve_data_dir,
 )
+from noisecraft.errors import NoisecraftError
 
 # Read once at import, before the autouse fixture below clears NOISECRAFT_DATA for every test.
 SHARED_DATA = Path(

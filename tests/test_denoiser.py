@@ -10,8 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from noisecraft.denoiser import ClassifierFreeGuidance, Denoiser
+from noisecraft.denoiser import Denoiser
 from noisecraft.errors import NoisecraftError
+from noisecraft.guidance.classifier_free import ClassifierFreeGuidance
 from noisecraft.schedule import NoiseSchedule
 
 SCHEDULE = NoiseSchedule.create("linear", 1000)

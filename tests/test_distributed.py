@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from noisecraft.config import make_run_config
+from noisecraft.data.datasets import load_dataset
 from noisecraft.errors import NoisecraftError
 from noisecraft.io.checkpoint import load_weights
-from noisecraft.training.config import make_run_config
-from noisecraft.training.datasets import load_dataset
 from noisecraft.training.speed import SpeedOptions
 from noisecraft.training.trainer import Trainer
 

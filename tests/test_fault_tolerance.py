@@ -22,12 +22,12 @@ import pytest
 import torch
 
 from noisecraft import cli
+from noisecraft.config import DataConfig, DiffusionConfig, RunConfig, TrainConfig
+from noisecraft.data.datasets import load_dataset
 from noisecraft.errors import NoisecraftError
 from noisecraft.io import checkpoint, csv_log
 from noisecraft.io.checkpoint import existing_state_dir, load_json, load_torch, load_weights
 from noisecraft.models.unet import UNetConfig
-from noisecraft.training.config import DataConfig, DiffusionConfig, RunConfig, TrainConfig
-from noisecraft.training.datasets import load_dataset
 from noisecraft.training.state import weights_step
 from noisecraft.training.trainer import LOG_HEADER, Trainer, resume_trainer
 

@@ -17,18 +17,19 @@ from PIL import Image
 from torch import nn
 
 from noisecraft.cli import main
+from noisecraft.config import DataConfig, DiffusionConfig, RunConfig, TrainConfig
 from noisecraft.denoiser import Denoiser
 from noisecraft.errors import NoisecraftError
-from noisecraft.guidance import InpaintingDenoiser, LossGuidance, lerp, slerp
-from noisecraft.guides import brightness, less_blue, match_reference
+from noisecraft.guidance.inpainting import InpaintingDenoiser
+from noisecraft.guidance.loss import LossGuidance
+from noisecraft.guidance.objectives import brightness, less_blue, match_reference
 from noisecraft.io.checkpoint import save_json, save_weights
 from noisecraft.models.unet import UNet, UNetConfig
 from noisecraft.pipelines.diffusion import DiffusionPipeline
 from noisecraft.samplers import generate
-from noisecraft.samplers.control import img2img, interpolate, strength_sigmas
+from noisecraft.samplers.control import img2img, interpolate, lerp, slerp, strength_sigmas
 from noisecraft.samplers.steps import discrete_sigmas
 from noisecraft.schedule import NoiseSchedule
-from noisecraft.training.config import DataConfig, DiffusionConfig, RunConfig, TrainConfig
 
 SHAPE = (1, 8, 8)
 
@@ -322,7 +323,7 @@ def test_cli_sample_with_builtin_and_file_guides(run, tmp_path):
     plain, bright, custom = tmp_path / "p.npz", tmp_path / "b.npz", tmp_path / "c.npz"
     base = ["sample", str(run), "--n", "4", "--steps", "6"]
     assert main([*base, "--out", str(plain)]) == 0
-    assert main([*base, "--out", str(bright), "--guide", "noisecraft.guides:brightness", "--guide-scale", "0.1",
+    assert main([*base, "--out", str(bright), "--guide", "noisecraft.guidance.objectives:brightness", "--guide-scale", "0.1",
                  "--guide-every", "2"]) == 0
     assert load_images(bright).astype(float).mean() > load_images(plain).astype(float).mean() + 5
     guide = tmp_path / "my_guide.py"
@@ -335,8 +336,8 @@ def test_cli_sample_with_builtin_and_file_guides(run, tmp_path):
 @pytest.mark.parametrize("spec, words", [
     ("brightness", "module:function"),
     ("no_such_module_xyz:f", "no module named"),
-    ("noisecraft.guides:nope", "no attribute"),
-    ("noisecraft.guides:__doc__", "not a function"),
+    ("noisecraft.guidance.objectives:nope", "no attribute"),
+    ("noisecraft.guidance.objectives:__doc__", "not a function"),
     ("missing/file.py:f", "does not exist"),
 ])
 def test_cli_bad_guide_spec(run, tmp_path, capsys, spec, words):
@@ -351,7 +352,7 @@ def test_cli_guide_file_that_fails_to_import(run, tmp_path, capsys):
     broken.write_text("raise RuntimeError('boom')\n")
     assert "boom" in fails_cleanly(capsys, ["sample", run, "--n", "1", "--steps", "2", "--guide", f"{broken}:f",
                                             "--out", tmp_path / "x.npz"])
-    line = fails_cleanly(capsys, ["sample", run, "--n", "1", "--steps", "2", "--guide", "noisecraft.guides:less_blue",
+    line = fails_cleanly(capsys, ["sample", run, "--n", "1", "--steps", "2", "--guide", "noisecraft.guidance.objectives:less_blue",
                                   "--out", tmp_path / "x.npz"])
     assert "RGB" in line
 

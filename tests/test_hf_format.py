@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from noisecraft.convert.hf_format import load_diffusers_vae, load_transformers_clip_text
 from noisecraft.errors import NoisecraftError
-from noisecraft.io.hf_format import load_diffusers_vae, load_transformers_clip_text
 
 
 def test_a_diffusers_vae_folder_loads_with_identical_outputs(tmp_path):

@@ -35,16 +35,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image, features
 
 from noisecraft.cli import main
+from noisecraft.config import RunConfig, load_run_config, make_run_config
+from noisecraft.data.datasets import IMAGE_EXTENSIONS, load_dataset, parse_idx
 from noisecraft.errors import NoisecraftError
 from noisecraft.models.unet import UNet
-from noisecraft.training.config import RunConfig, make_run_config
-from noisecraft.training.datasets import IMAGE_EXTENSIONS, load_dataset, parse_idx
-from noisecraft.training.trainer import load_run_config
 
 CASES: collections.Counter = collections.Counter()   # hypothesis examples run, per property
 VALID: collections.Counter = collections.Counter()   # ... of which the input turned out to be valid
@@ -590,8 +588,8 @@ def test_absurd_model_sizes_fail_before_allocating(valid_config, field, value):
 @pytest.fixture(scope="module")
 def other_runs(tmp_path_factory) -> dict[str, Path]:
     """One-step tiny runs of train-vae, train-clip and train-vdm on 32 digits."""
+    from noisecraft.data.captions import captions_for
     from noisecraft.models.vae import VAEConfig
-    from noisecraft.training.captions import captions_for
     from noisecraft.training.clip_trainer import default_text_config, train_clip
     from noisecraft.training.vae_trainer import VAETrainConfig, train_vae
     from noisecraft.training.vdm_trainer import train_vdm
@@ -609,7 +607,7 @@ def other_runs(tmp_path_factory) -> dict[str, Path]:
 
 
 def _load_vae(run):
-    from noisecraft.training.vae_trainer import load_vae
+    from noisecraft.models.vae_loading import load_vae
     vae, scale, config = load_vae(run)
     assert math.isfinite(scale) and scale > 0
     c, h, w = config["data"]["image_shape"]        # what `viz latents` and latent training read
@@ -750,7 +748,7 @@ def cli_table(tmp: Path, run: Path) -> dict[str, tuple[list[str], dict[str, list
                    {"--n": BAD_COUNT, "--steps": BAD_COUNT + ["100000", "99999999999"], "--sampler": BAD_NAME,
                     "--batch-size": BAD_COUNT, "--eta": ["nan", "x", "-1"], "--spacing": BAD_NAME,
                     "--variance": BAD_NAME, "--dtype": BAD_NAME, "--label": ["0", "-1", "x"],
-                    "--prompt": ["a cat"], "--guide": ["bogus", "x:", ":y", "noisecraft.guides:nothing",
+                    "--prompt": ["a cat"], "--guide": ["bogus", "x:", ":y", "noisecraft.guidance.objectives:nothing",
                                                        paths[0] + ".py:f"],
                     "--device": BAD_NAME, "--model": paths + [str(run / "model.safetensors")],
                     "": paths + [str(run / "model.safetensors")], "--guide-mode": BAD_NAME,

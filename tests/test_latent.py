@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from noisecraft.cli import main
+from noisecraft.components import attach_components
+from noisecraft.config import make_run_config
+from noisecraft.data.datasets import load_dataset
 from noisecraft.errors import NoisecraftError
 from noisecraft.pipelines.diffusion import DiffusionPipeline
-from noisecraft.training.components import attach_components
-from noisecraft.training.config import make_run_config
-from noisecraft.training.datasets import load_dataset
 from noisecraft.training.trainer import Trainer, resume_trainer
 
 SEVEN, ONE = "a handwritten digit seven", "a handwritten digit one"
@@ -108,11 +108,11 @@ def test_latent_text_training_resumes_exactly_and_reuses_the_cache(runs, tmp_pat
     straight.fit()
     half = new_run(tmp_path / "b", 2)
     half.fit()
-    import noisecraft.training.vae_trainer as vae_trainer
+    import noisecraft.models.vae_loading as vae_loading
 
     def no_encoding(*args, **kwargs):
         raise AssertionError("the cached latents should have been used")
-    monkeypatch.setattr(vae_trainer, "encode_dataset", no_encoding)
+    monkeypatch.setattr(vae_loading, "encode_dataset", no_encoding)
     resumed = resume_trainer(tmp_path / "b", data, progress=False, steps=4)
     resumed.fit()
     for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):

@@ -17,18 +17,27 @@ from diffusers import DDPMScheduler
 from torch import nn
 
 from noisecraft.cli import main
-from noisecraft.denoiser import ClassifierFreeGuidance, Denoiser, denoise_with_variance
+from noisecraft.config import DataConfig, DiffusionConfig, RunConfig, TrainConfig, make_run_config
+from noisecraft.data.datasets import load_dataset
+from noisecraft.denoiser import Denoiser, denoise_with_variance
 from noisecraft.errors import NoisecraftError
+from noisecraft.guidance.classifier_free import ClassifierFreeGuidance
 from noisecraft.io.checkpoint import load_json, load_weights
-from noisecraft.likelihood import (bits_per_dim, discretized_gaussian_log_likelihood, gaussian_log_density,
-                                   model_posterior, normal_kl, posterior_log_variance_clipped, prior_bpd, vlb_terms)
+from noisecraft.likelihood import (
+    bits_per_dim,
+    discretized_gaussian_log_likelihood,
+    gaussian_log_density,
+    model_posterior,
+    normal_kl,
+    posterior_log_variance_clipped,
+    prior_bpd,
+    vlb_terms,
+)
 from noisecraft.losses import training_loss
 from noisecraft.models.unet import UNet, UNetConfig
 from noisecraft.samplers import sample_ddpm
 from noisecraft.samplers.steps import discrete_sigmas
 from noisecraft.schedule import NoiseSchedule
-from noisecraft.training.config import DataConfig, DiffusionConfig, RunConfig, TrainConfig, make_run_config
-from noisecraft.training.datasets import load_dataset
 from noisecraft.training.timestep_sampler import TimestepSampler
 from noisecraft.training.trainer import Trainer, resume_trainer
 

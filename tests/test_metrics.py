@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from noisecraft.commands import evaluate
+from noisecraft.data.datasets import load_dataset
 from noisecraft.errors import NoisecraftError
 from noisecraft.evaluation.classifier import SmallClassifier, classifier_features, predict, train_classifier
 from noisecraft.evaluation.fid import fid_from_features
@@ -22,7 +23,6 @@ from noisecraft.evaluation.metrics import (
     sample_quality,
 )
 from noisecraft.io.checkpoint import save_torch, save_weights
-from noisecraft.training.datasets import load_dataset
 
 
 @pytest.fixture(scope="module")

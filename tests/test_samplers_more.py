@@ -37,16 +37,33 @@ import math
 import numpy as np
 import pytest
 import torch
-from diffusers import (DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
-                       HeunDiscreteScheduler, LMSDiscreteScheduler, PNDMScheduler)
+from diffusers import (
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    LMSDiscreteScheduler,
+    PNDMScheduler,
+)
 from torch import nn
 
 from noisecraft.cli import build_parser
 from noisecraft.denoiser import Denoiser
 from noisecraft.errors import NoisecraftError
-from noisecraft.samplers import (ALIASES, SAMPLERS, generate, get_sampler, resolve_sampler, sample_dpmpp_2m,
-                                 sample_dpmpp_2m_sde, sample_euler, sample_euler_ancestral, sample_heun,
-                                 sample_lms, sample_plms)
+from noisecraft.samplers import (
+    ALIASES,
+    SAMPLERS,
+    generate,
+    get_sampler,
+    resolve_sampler,
+    sample_dpmpp_2m,
+    sample_dpmpp_2m_sde,
+    sample_euler,
+    sample_euler_ancestral,
+    sample_heun,
+    sample_lms,
+    sample_plms,
+)
 from noisecraft.samplers.lms import lms_coefficients
 from noisecraft.samplers.steps import discrete_sigmas, karras_sigmas, sigmas_from_timesteps
 from noisecraft.schedule import NoiseSchedule

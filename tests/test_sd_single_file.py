@@ -10,15 +10,24 @@ import random
 import pytest
 import torch
 
+from noisecraft.convert.sd_single_file import (
+    PREFIXES,
+    diffusers_to_single_file,
+    read_single_file,
+    single_file_to_diffusers,
+    unet_ldm_key_map,
+    vae_ldm_key_map,
+    write_single_file,
+)
 from noisecraft.errors import NoisecraftError
-from noisecraft.io.sd_single_file import (PREFIXES, diffusers_to_single_file, read_single_file,
-                                          single_file_to_diffusers, unet_ldm_key_map, vae_ldm_key_map,
-                                          write_single_file)
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
-from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint,  # noqa: E402
-                                                 convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint)
+from diffusers.loaders.single_file_utils import (  # noqa: E402
+    convert_ldm_clip_checkpoint,
+    convert_ldm_unet_checkpoint,
+    convert_ldm_vae_checkpoint,
+)
 
 UNETS = {
     # two levels, attention at the finest only; conv proj_in (SD 1.x style)

@@ -16,10 +16,17 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 from diffusers import UNet2DConditionModel  # noqa: E402
 
+from noisecraft.convert.diffusers_unet import (  # noqa: E402
+    diffusers_unet_key_map,
+    load_diffusers_unet,
+    save_diffusers_unet,
+    sd_unet_config,
+    unet_config_from_diffusers,
+    unet_config_to_diffusers,
+    unet_from_diffusers_state_dict,
+    unet_to_diffusers_state_dict,
+)
 from noisecraft.errors import NoisecraftError  # noqa: E402
-from noisecraft.io.diffusers_unet import (  # noqa: E402
-    diffusers_unet_key_map, load_diffusers_unet, save_diffusers_unet, sd_unet_config, unet_config_from_diffusers,
-    unet_config_to_diffusers, unet_from_diffusers_state_dict, unet_to_diffusers_state_dict)
 from noisecraft.models.attention import set_attention_slicing  # noqa: E402
 from noisecraft.models.unet import UNet, UNetConfig, count_parameters  # noqa: E402
 

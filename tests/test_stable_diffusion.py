@@ -13,11 +13,12 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
+from tiny_sd import save_tiny_pipeline  # noqa: E402
+
 from noisecraft.cli import main  # noqa: E402
 from noisecraft.errors import NoisecraftError  # noqa: E402
 from noisecraft.io.checkpoint import load_weights  # noqa: E402
 from noisecraft.pipelines.stable_diffusion import convert, detect_format, load_pipeline  # noqa: E402
-from tiny_sd import save_tiny_pipeline  # noqa: E402
 
 PROMPT = "an astronaut riding a horse on mars"
 

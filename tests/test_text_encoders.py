@@ -7,7 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from noisecraft.errors import NoisecraftError
-from noisecraft.models.text_encoders import HFTextEncoder, TextEncoder, load_text_encoder
+from noisecraft.models.hf_text_encoder import HFTextEncoder
+from noisecraft.models.text_encoder import TextEncoder
+from noisecraft.models.text_encoders import load_text_encoder
 
 transformers = pytest.importorskip("transformers")
 

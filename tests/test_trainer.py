@@ -13,14 +13,15 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from noisecraft.config import DataConfig, DiffusionConfig, RunConfig, TrainConfig, load_run_config
+from noisecraft.data.datasets import load_dataset
 from noisecraft.errors import NoisecraftError
 from noisecraft.io import checkpoint
 from noisecraft.io.checkpoint import existing_state_dir, load_json, load_weights
 from noisecraft.models.unet import UNetConfig
 from noisecraft.training import trainer as trainer_module
-from noisecraft.training.config import DataConfig, DiffusionConfig, RunConfig, TrainConfig
-from noisecraft.training.datasets import load_dataset
-from noisecraft.training.trainer import LOG_HEADER, Trainer, TrainingDiverged, load_run_config, resume_trainer
+from noisecraft.training.loop import TrainingDiverged
+from noisecraft.training.trainer import LOG_HEADER, Trainer, resume_trainer
 
 
 @pytest.fixture(scope="module")

@@ -18,13 +18,13 @@ from PIL import Image
 
 from noisecraft.commands import vae as vae_commands
 from noisecraft.commands.arg_types import int_list
+from noisecraft.data.datasets import load_dataset
 from noisecraft.errors import NoisecraftError
 from noisecraft.io.checkpoint import load_json, load_weights, save_json
 from noisecraft.models.vae import AutoencoderKL, DiagonalGaussian, VAEConfig
-from noisecraft.training.datasets import load_dataset
-from noisecraft.training.trainer import TrainingDiverged
-from noisecraft.training.vae_trainer import (LOG_HEADER, VAETrainConfig, VAETrainer, encode_dataset,
-                                             latent_scaling_factor, load_vae, reconstruction_psnr, train_vae)
+from noisecraft.models.vae_loading import encode_dataset, latent_scaling_factor, load_vae, reconstruction_psnr
+from noisecraft.training.loop import TrainingDiverged
+from noisecraft.training.vae_trainer import LOG_HEADER, VAETrainConfig, VAETrainer, train_vae
 
 TINY = VAEConfig(in_channels=1, latent_channels=4, block_out_channels=(8, 8, 16), layers_per_block=1, norm_groups=4)
 

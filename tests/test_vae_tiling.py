@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from noisecraft.convert.hf_format import load_diffusers_vae
 from noisecraft.errors import NoisecraftError
-from noisecraft.io.hf_format import load_diffusers_vae
 from noisecraft.models.vae_tiling import TiledVAE, tiled_decode, tiled_encode
 
 

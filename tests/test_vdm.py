@@ -13,12 +13,20 @@ import pytest
 import torch
 
 from noisecraft.commands.vdm import add_parsers
+from noisecraft.data.datasets import load_dataset
 from noisecraft.errors import NoisecraftError
 from noisecraft.io.checkpoint import load_json, save_json
 from noisecraft.models.unet import UNetConfig
-from noisecraft.models.vdm import (LEVELS, VDM, FourierFeatures, MonotonicLogSNR, VDMConfig, alpha_sigma,
-                                   level_values, low_discrepancy_times)
-from noisecraft.training.datasets import load_dataset
+from noisecraft.models.vdm import (
+    LEVELS,
+    VDM,
+    FourierFeatures,
+    MonotonicLogSNR,
+    VDMConfig,
+    alpha_sigma,
+    level_values,
+    low_discrepancy_times,
+)
 from noisecraft.training.vdm_trainer import LOG_HEADER, load_vdm, train_vdm, vdm_bits_per_dim
 
 TINY = UNetConfig(base_channels=16, channel_mults=(1, 2), num_res_blocks=1, attention_levels=(), groups=4,

@@ -29,7 +29,12 @@ import torch
 from torch import nn
 from torch.special import log_ndtr
 
-from .denoiser import Denoiser, check_prediction_type, learned_log_variance, split_learned_variance
+from .denoiser import (
+    Denoiser,
+    check_prediction_type,
+    learned_log_variance,
+    split_learned_variance,
+)
 from .errors import NoisecraftError
 from .schedule import NoiseSchedule
 

@@ -38,9 +38,14 @@ def add_parsers(sub) -> None:
 
 
 def cmd_train_clip(args) -> int:
-    from ..training.captions import captions_for
-    from ..training.clip_trainer import DEFAULT_EMBED_DIM, DEFAULT_LR, default_text_config, train_clip
-    from ..training.datasets import load_dataset
+    from ..data.captions import captions_for
+    from ..data.datasets import load_dataset
+    from ..training.clip_trainer import (
+        DEFAULT_EMBED_DIM,
+        DEFAULT_LR,
+        default_text_config,
+        train_clip,
+    )
 
     out = Path(args.out)
     if (out / "config.json").exists() or (out / "text_encoder").exists():

@@ -17,6 +17,7 @@ from ..errors import NoisecraftError
 
 
 def cmd_train_classifier(args) -> int:
+    from ..data.datasets import load_dataset
     from ..evaluation.classifier import (
         DEFAULT_SEED,
         accuracy,
@@ -24,7 +25,6 @@ def cmd_train_classifier(args) -> int:
         default_cache_dir,
         load_or_train_classifier,
     )
-    from ..training.datasets import load_dataset
 
     if args.steps < 1:
         raise NoisecraftError(f"--steps must be a positive integer, got {args.steps}.")

@@ -20,7 +20,7 @@ from .arg_types import count, finite_float, positive_int
 
 
 def _test_images(config, args, n: int):
-    from ..training.datasets import load_dataset
+    from ..data.datasets import load_dataset
     data = load_dataset(config.data.dataset, split=args.split, data_dir=args.data_dir,
                         image_size=config.data.image_shape[1])
     labels = data.labels[:n].long() if data.labels is not None else None
@@ -128,9 +128,9 @@ def cmd_eval(args) -> int:
 def _sample_quality(report: dict, lines: list, samples, labels, dataset: str, size: int, run: Path, args,
                     how: str) -> None:
     """Domain FID/KID, precision/recall and classifier scores of `samples` against the split (report + eval.md)."""
+    from ..data.datasets import load_dataset
     from ..evaluation.classifier import load_or_train_classifier
     from ..evaluation.metrics import sample_quality
-    from ..training.datasets import load_dataset
     from ..viz.images import save_grid
     inception = None
     if args.inception:
@@ -168,7 +168,7 @@ def _write_report(report: dict, lines: list, run: Path) -> None:
 
 def _eval_vdm(args, run: Path) -> int:
     """`eval` of a train-vdm run: its continuous-time bound (--nll) and the quality of its samples (--fid)."""
-    from ..training.datasets import load_dataset
+    from ..data.datasets import load_dataset
     from ..training.vdm_trainer import load_vdm, vdm_bits_per_dim
     if args.ode:
         raise NoisecraftError("the probability-flow ODE is implemented for DDPM-family runs; a VDM run reports its "

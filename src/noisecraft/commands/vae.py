@@ -14,7 +14,7 @@ from .arg_types import int_list
 
 def _load_splits(args):
     """The training split and, where the dataset has one, the test split (for the PSNR)."""
-    from ..training.datasets import load_dataset
+    from ..data.datasets import load_dataset
     common = dict(data_dir=args.data_dir, image_size=args.image_size, download=not args.no_download)
     train = load_dataset(args.dataset, split="train", **common)
     if args.dataset.startswith("folder:"):
@@ -93,7 +93,7 @@ def latent_figure(vae, image, path) -> Path:
 def cmd_viz_latents(args) -> int:
     """`noisecraft viz latents IMAGE --vae RUN --out latents.png` (IMAGE: a picture, or an .npz of up to 8 rows)."""
     from ..io.images import load_images
-    from ..training.vae_trainer import load_vae
+    from ..models.vae_loading import load_vae
 
     image = getattr(args, "image", None) or getattr(args, "run", None)
     if not image:

@@ -15,7 +15,7 @@ from .arg_types import int_list
 
 
 def cmd_train_vdm(args) -> int:
-    from ..training.datasets import load_dataset
+    from ..data.datasets import load_dataset
     from ..training.vdm_trainer import DEFAULT_VDM_MINUTES, train_vdm
 
     if args.out is None:
@@ -49,7 +49,7 @@ def cmd_train_vdm(args) -> int:
 def cmd_eval_vdm(args) -> int:
     import torch
 
-    from ..training.datasets import load_dataset
+    from ..data.datasets import load_dataset
     from ..training.vdm_trainer import load_vdm, vdm_bits_per_dim
 
     model, config = load_vdm(args.run, device=args.device)

@@ -26,8 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from noisecraft.errors import NoisecraftError
-from noisecraft.io.checkpoint import atomic_write_bytes
+from ..errors import NoisecraftError
+from ..io.checkpoint import atomic_write_bytes
 
 # Bump this whenever the architecture, the training recipe or the preprocessing changes: cached
 # classifiers (and therefore every domain score) are keyed by it.
@@ -274,7 +274,7 @@ def cache_key(dataset_name: str, steps: int = DEFAULT_STEPS, seed: int = DEFAULT
 
 
 def _load_dataset(name: str, split: str, data_dir):
-    from noisecraft.training.datasets import load_dataset
+    from ..data.datasets import load_dataset
 
     return load_dataset(name, split=split, data_dir=data_dir)
 

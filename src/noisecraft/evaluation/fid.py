@@ -22,8 +22,8 @@ import warnings
 import numpy as np
 import torch
 
-from noisecraft.errors import NoisecraftError
-from noisecraft.evaluation.classifier import SmallClassifier, classifier_features
+from ..errors import NoisecraftError
+from .classifier import SmallClassifier, classifier_features
 
 
 def feature_statistics(features) -> tuple[np.ndarray, np.ndarray]:

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from noisecraft.errors import NoisecraftError
+from ..errors import NoisecraftError
 
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 INPUT_SIZE = 299
@@ -239,7 +239,7 @@ class FIDInception(nn.Module):
 
 def _read_state_dict(path: Path) -> dict:
     """A state dict from a safetensors file or a torch file (weights only), told apart by content."""
-    from noisecraft.io.checkpoint import load_torch, load_weights
+    from ..io.checkpoint import load_torch, load_weights
 
     with open(path, "rb") as f:
         head = f.read(9)

@@ -22,9 +22,9 @@ import math
 import numpy as np
 import torch
 
-from noisecraft.errors import NoisecraftError
-from noisecraft.evaluation.classifier import SmallClassifier, map_batches, classifier_features
-from noisecraft.evaluation.fid import fid_from_features
+from ..errors import NoisecraftError
+from .classifier import SmallClassifier, classifier_features, map_batches
+from .fid import fid_from_features
 
 
 def _as_features(features, name: str, dtype=np.float64) -> np.ndarray:
@@ -210,7 +210,7 @@ def sample_quality(images, reference_dataset, *, classifier: SmallClassifier, in
         "classifier": _report_from_logits(logits.cpu(), labels),
     }
     if inception is not None:
-        from noisecraft.evaluation.inception import inception_features
+        from .inception import inception_features
 
         real_i = inception_features(inception, reference, inception_batch_size)
         fake_i = inception_features(inception, images, inception_batch_size)

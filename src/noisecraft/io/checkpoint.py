@@ -19,8 +19,7 @@ from typing import Callable
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
+from safetensors.torch import load as st_load, save as st_save
 
 from ..errors import NoisecraftError
 

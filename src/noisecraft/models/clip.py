@@ -31,13 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import NoisecraftError
+from ..errors import NoisecraftError, brief, short_repr as _short
+from ..io.checkpoint import load_json, load_weights, save_json, save_weights
 from ..settings import settings_from_dict
 from .size_limits import check_parameter_count
-from ..errors import brief
-from ..errors import short_repr as _short
-from ..io.checkpoint import load_json, load_weights, save_json, save_weights
-from .text_encoders import TEXT_ENCODER_FILE, TextEncoder, _check_prompts
+from .text_encoder import TEXT_ENCODER_FILE, TextEncoder, _check_prompts
 from .tokenizer import CLIPTokenizer
 
 ACTIVATIONS = ("quick_gelu", "gelu")

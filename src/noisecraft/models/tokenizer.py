@@ -87,7 +87,14 @@ class CLIPTokenizer:
 
     def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], max_length: int = DEFAULT_MAX_LENGTH,
                  pad_token: str = EOS_TOKEN, source: str = "tokenizer"):
-        from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+        from tokenizers import (
+            AddedToken,
+            Regex,
+            Tokenizer,
+            decoders,
+            normalizers,
+            pre_tokenizers,
+        )
         from tokenizers.models import BPE
 
         if not isinstance(max_length, int) or max_length < 2:

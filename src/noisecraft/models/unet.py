@@ -26,14 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import NoisecraftError
-from ..errors import short_repr as _short
+from ..errors import NoisecraftError, short_repr as _short
 from ..settings import settings_from_dict
 from .attention import SelfAttention2d
-from .size_limits import check_parameter_count
 from .embeddings import LabelEmbedding, TimeEmbedding, timestep_embedding
+from .size_limits import check_parameter_count
 from .transformer import SpatialTransformer
-
 
 # Bounds far above any real U-Net (Stable Diffusion XL's has 2.6e9 parameters and 3 levels), so that a corrupted
 # or hostile config fails with a clear sentence instead of exhausting the memory.

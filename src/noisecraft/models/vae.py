@@ -19,10 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import NoisecraftError
+from ..errors import NoisecraftError, short_repr as _short
 from ..settings import settings_from_dict
 from .size_limits import check_parameter_count
-from ..errors import short_repr as _short
 
 # Bounds far above any real autoencoder (Stable Diffusion's has 8.4e7 parameters), so that a corrupted or hostile
 # config fails with a clear sentence instead of exhausting the memory.

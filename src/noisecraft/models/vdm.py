@@ -38,9 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import NoisecraftError
+from ..errors import NoisecraftError, short_repr as _short
 from ..settings import settings_from_dict
-from ..errors import short_repr as _short
 from .unet import UNet, UNetConfig
 
 LEVELS = 256

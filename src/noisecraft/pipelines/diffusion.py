@@ -11,15 +11,16 @@ from pathlib import Path
 
 import torch
 
-from ..denoiser import ClassifierFreeGuidance, Denoiser
-from ..guidance import LossGuidance, lerp
+from ..config import RunConfig, load_run_config
+from ..denoiser import Denoiser
 from ..errors import NoisecraftError
+from ..guidance.classifier_free import ClassifierFreeGuidance
+from ..guidance.loss import LossGuidance
 from ..io.checkpoint import load_weights
 from ..memory import physical_memory
 from ..models.unet import UNet
 from ..samplers import control, generate
-from ..training.config import RunConfig
-from ..training.trainer import load_run_config
+from ..samplers.control import lerp
 
 
 @dataclass
@@ -196,7 +197,7 @@ class DiffusionPipeline:
     def from_run(cls, run_dir: str | Path, device="cpu", weights: str = "ema") -> "DiffusionPipeline":
         """Load a run directory: config.json + model.safetensors (EMA) or state/model.safetensors (raw), and
         for latent / text runs the VAE in vae/ and the text encoder in text_encoder/."""
-        from ..training.components import load_text_component, load_vae_component
+        from ..components import load_text_component, load_vae_component
         run_dir = Path(run_dir)
         config = load_run_config(run_dir)
         vae, scaling_factor = load_vae_component(run_dir) if config.latent is not None else (None, 1.0)
@@ -348,7 +349,7 @@ class DiffusionPipeline:
         that class (with no label: "anything but this class"). guide: loss guidance with a callable
         loss(x0) -> one loss per sample to push down, by guide_scale, on every guide_every-th denoiser
         call, guide_mode "x0" (shift x̂0 by the gradient) or "score" (gradient through the network), only
-        at σ <= guide_max_sigma (see noisecraft.guidance.LossGuidance). save_every k > 0 keeps x_t and x̂0
+        at σ <= guide_max_sigma (see noisecraft.guidance.loss.LossGuidance). save_every k > 0 keeps x_t and x̂0
         every k steps (first batch only). Sample i uses seed + i, whatever batch_size.
         Text-conditional models take `prompt` (one, or one per image, or embeddings from `embed` / `mix_prompts`)
         and `negative_prompt` instead of labels. height/width: the image size (multiples of the VAE factor; default
@@ -393,7 +394,7 @@ class DiffusionPipeline:
     def inpaint(self, images, mask, *, n: int | None = None, sampler: str = "ddim", steps: int = 50, seed: int = 0,
                 spacing: str = "leading", **kwargs) -> SampleResult:
         """Generate the region where `mask` is 1 (white) and keep `images` where it is 0 (see
-        noisecraft.guidance.InpaintingDenoiser). mask: H×W, 1×H×W, N×1×H×W or N×C×H×W in [0, 1]. Other
+        noisecraft.guidance.loss.InpaintingDenoiser). mask: H×W, 1×H×W, N×1×H×W or N×C×H×W in [0, 1]. Other
         arguments as in `img2img`."""
         images = self._input_images(images, n)
         mask = torch.as_tensor(mask, dtype=torch.float32, device=self.device)

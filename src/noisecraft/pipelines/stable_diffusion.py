@@ -25,9 +25,16 @@ from pathlib import Path
 
 import torch
 
+from ..config import (
+    DataConfig,
+    DiffusionConfig,
+    LatentConfig,
+    RunConfig,
+    TextConfig,
+    TrainConfig,
+)
 from ..errors import NoisecraftError
 from ..io.checkpoint import load_json, save_json
-from ..training.config import DataConfig, DiffusionConfig, LatentConfig, RunConfig, TextConfig, TrainConfig
 from .diffusion import DiffusionPipeline, parse_dtype
 
 # What SD 1.x shipped: 1000 scaled-linear steps from β = 0.00085 to 0.012, ε-prediction.
@@ -111,8 +118,8 @@ def _clip_text_encoder(text_model, tokenizer):
 
 def load_diffusers_folder(folder: str | Path, device="cpu") -> DiffusionPipeline:
     """A Stable Diffusion folder in the diffusers layout: unet/, vae/, text_encoder/, tokenizer/ and scheduler/."""
-    from ..io.diffusers_unet import load_diffusers_unet
-    from ..io.hf_format import load_diffusers_vae, load_transformers_clip_text
+    from ..convert.diffusers_unet import load_diffusers_unet
+    from ..convert.hf_format import load_diffusers_vae, load_transformers_clip_text
     from ..models.tokenizer import CLIPTokenizer
     folder = Path(folder).expanduser()
     missing = [part for part in ("unet", "vae", "text_encoder") if not (folder / part).is_dir()]
@@ -143,9 +150,12 @@ def load_single_file(path: str | Path, device="cpu", prediction: str = "epsilon"
     prediction="v_prediction", since nothing in the file says so. For a model that departs from those
     conventions, `config` names a diffusers folder whose unet/, vae/, text_encoder/ config.json (and
     scheduler/, tokenizer/) are used instead (the weights must fit them)."""
-    from ..io.diffusers_unet import unet_config_from_diffusers, unet_from_diffusers_state_dict
-    from ..io.hf_format import clip_text_from_transformers, vae_from_diffusers
-    from ..io.sd_single_file import read_single_file, single_file_to_diffusers
+    from ..convert.diffusers_unet import (
+        unet_config_from_diffusers,
+        unet_from_diffusers_state_dict,
+    )
+    from ..convert.hf_format import clip_text_from_transformers, vae_from_diffusers
+    from ..convert.sd_single_file import read_single_file, single_file_to_diffusers
     from ..models.tokenizer import CLIPTokenizer
     path = Path(path).expanduser()
     parts = single_file_to_diffusers(read_single_file(path))
@@ -236,9 +246,15 @@ def _float_weights(tensors: dict[str, torch.Tensor], dtype) -> dict[str, torch.T
 def save_diffusers_pipeline(pipe: DiffusionPipeline, folder: str | Path, dtype=None) -> Path:
     """Write the pipeline's networks as a diffusers StableDiffusionPipeline folder (model_index.json, unet/,
     vae/, text_encoder/, tokenizer/, scheduler/), loadable by diffusers' from_pretrained and by load_pipeline."""
+    from ..convert.diffusers_unet import (
+        unet_config_to_diffusers,
+        unet_to_diffusers_state_dict,
+    )
+    from ..convert.hf_format import (
+        clip_text_config_to_transformers,
+        vae_config_to_diffusers,
+    )
     from ..io.checkpoint import save_weights
-    from ..io.diffusers_unet import unet_config_to_diffusers, unet_to_diffusers_state_dict
-    from ..io.hf_format import clip_text_config_to_transformers, vae_config_to_diffusers
     unet, vae, text = _exportable(pipe)
     folder = Path(folder).expanduser()
     _, h, w = pipe.model_shape
@@ -270,9 +286,12 @@ def save_diffusers_pipeline(pipe: DiffusionPipeline, folder: str | Path, dtype=N
 
 def save_single_file(pipe: DiffusionPipeline, path: str | Path, dtype=None) -> Path:
     """Write the pipeline's networks as one original-layout Stable Diffusion file (.safetensors or .ckpt)."""
-    from ..io.diffusers_unet import unet_config_to_diffusers, unet_to_diffusers_state_dict
-    from ..io.hf_format import vae_config_to_diffusers
-    from ..io.sd_single_file import diffusers_to_single_file, write_single_file
+    from ..convert.diffusers_unet import (
+        unet_config_to_diffusers,
+        unet_to_diffusers_state_dict,
+    )
+    from ..convert.hf_format import vae_config_to_diffusers
+    from ..convert.sd_single_file import diffusers_to_single_file, write_single_file
     unet, vae, text = _exportable(pipe)
     tensors = diffusers_to_single_file(
         unet_to_diffusers_state_dict(unet), vae.state_dict(),

@@ -5,10 +5,12 @@ with every sampler and with any model (pixel or latent: pass latents as the imag
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..errors import NoisecraftError
-from ..guidance import InpaintingDenoiser, slerp
+from ..guidance.inpainting import InpaintingDenoiser
 from . import SAMPLERS, check_options, generate, resolve_sampler
 from .noise import SeededNoise
 from .steps import discrete_sigmas, karras_sigmas
@@ -88,3 +90,36 @@ def interpolate(denoiser, shape: tuple[int, ...], seed_a: int, seed_b: int, n: i
 
 
 __all__ = ["img2img", "inpaint", "interpolate", "sampling_plan", "slerp_noise", "strength_sigmas"]
+
+
+def slerp(z0: torch.Tensor, z1: torch.Tensor, t) -> torch.Tensor:
+    """Spherical linear interpolation (Shoemake 1985), treating each tensor as one vector:
+
+        slerp(z0, z1; t) = sin((1 - t)θ)/sin θ · z0 + sin(tθ)/sin θ · z1,   cos θ = ⟨z0, z1⟩ / (|z0| |z1|)
+
+    Gaussian noise in many dimensions lives near a sphere of radius sqrt(d); the straight line between
+    two draws cuts inside it (|lerp(½)| ≈ |z|/√2, an atypical, blurry start), the great circle does not.
+    t: a number (returns z0's shape) or a 1-D tensor/list of n numbers (returns n×shape). Nearly parallel
+    inputs fall back to the straight line.
+    """
+    if z0.shape != z1.shape:
+        raise NoisecraftError(f"slerp needs two tensors of one shape, got {tuple(z0.shape)} and {tuple(z1.shape)}.")
+    ts = torch.as_tensor(t, dtype=torch.float64)
+    a, b = z0.double().flatten(), z1.double().flatten()
+    cos = (a @ b / (a.norm() * b.norm()).clamp_min(1e-30)).clamp(-1.0, 1.0)
+    theta = torch.arccos(cos)
+    flat = ts.reshape(-1, 1)
+    if math.sin(float(theta)) < 1e-6:
+        out = (1 - flat) * a + flat * b
+    else:
+        out = (torch.sin((1 - flat) * theta) * a + torch.sin(flat * theta) * b) / torch.sin(theta)
+    out = out.to(z0.dtype).reshape(-1, *z0.shape)
+    return out[0] if ts.ndim == 0 else out
+
+
+def lerp(c0: torch.Tensor, c1: torch.Tensor, t) -> torch.Tensor:
+    """Straight-line interpolation (1 - t)·c0 + t·c1 of conditions (label mixtures, embeddings);
+    t as in `slerp`."""
+    ts = torch.as_tensor(t, dtype=c0.dtype, device=c0.device)
+    out = torch.lerp(c0.unsqueeze(0), c1.unsqueeze(0), ts.reshape(-1, *(1,) * c0.ndim))
+    return out[0] if ts.ndim == 0 else out

@@ -28,16 +28,21 @@ from pathlib import Path
 
 import torch
 
+from ..data.captions import Captions, class_prompts
+from ..data.datasets import ImageDataset
+from ..data.order import EpochOrder
 from ..errors import NoisecraftError, brief
-from ..io.checkpoint import load_json, load_weights, replace_dir, save_json, save_weights
+from ..io.checkpoint import (
+    load_json,
+    load_weights,
+    replace_dir,
+    save_json,
+    save_weights,
+)
 from ..io.csv_log import append_row
 from ..models.clip import CLIPModel, CLIPTextConfig, CLIPTextEncoder, contrastive_loss
 from ..models.tokenizer import CLIPTokenizer
-from .captions import Captions, class_prompts
-from .data_order import EpochOrder
-from .datasets import ImageDataset
-from .loop import TrainingLoop
-from .trainer import TrainingDiverged
+from .loop import TrainingDiverged, TrainingLoop
 
 LOG_HEADER = ["step", "loss", "batch_accuracy", "logit_scale", "lr", "images_per_s", "elapsed_s"]
 # Small enough for a laptop CPU, big enough for MNIST-style captions (a handful of words each).

@@ -88,3 +88,7 @@ class TrainingLoop:
             self.bar.write(self.on_interrupt)
         self.bar.close()
         return interrupted      # Ctrl-C ends the loop; the trainer then saves as usual
+
+
+class TrainingDiverged(NoisecraftError):
+    pass

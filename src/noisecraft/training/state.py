@@ -18,8 +18,17 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..errors import NoisecraftError, brief
-from ..io.checkpoint import (existing_state_dir, load_json, load_torch, load_weights, remove_temp_files, replace_dir,
-                             save_json, save_torch, save_weights)
+from ..io.checkpoint import (
+    existing_state_dir,
+    load_json,
+    load_torch,
+    load_weights,
+    remove_temp_files,
+    replace_dir,
+    save_json,
+    save_torch,
+    save_weights,
+)
 
 
 def save_training_state(out_dir: Path, *, model, ema, optimizer, generator: torch.Generator, step: int,

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from ..config import TIMESTEP_SAMPLING
 from ..errors import NoisecraftError
-
-TIMESTEP_SAMPLING = ("uniform", "importance")
 
 
 class TimestepSampler:

@@ -27,28 +27,31 @@ from pathlib import Path
 
 import torch
 
+from ..config import RunConfig, load_run_config
+from ..data.datasets import ImageDataset
+from ..data.encoded import build_batches
+from ..data.order import EpochOrder
 from ..errors import NoisecraftError
-from ..io.checkpoint import load_json, load_weights, save_json, save_weights
+from ..io.checkpoint import load_weights, save_json, save_weights
 from ..io.csv_log import append_row, truncate_log
 from ..losses import training_loss
 from ..models.unet import UNet
-from .config import RunConfig
-from .batches import ClassLabels, PixelImages, TrainingBatches
-from .data_order import EpochOrder
-from .datasets import ImageDataset
 from .distributed import Distributed
 from .ema import EMA
-from .loop import TrainingLoop
+from .loop import TrainingDiverged, TrainingLoop
 from .speed import SpeedOptions
-from .state import (checkpoint_step, discard_unfinished_writes, load_training_state, reporting_write_errors,
-                    save_training_state, weights_step)
+from .state import (
+    checkpoint_step,
+    discard_unfinished_writes,
+    load_training_state,
+    reporting_write_errors,
+    save_training_state,
+    weights_step,
+)
 from .timestep_sampler import TimestepSampler
 
 LOG_HEADER = ["step", "loss", "lr", "images_per_s", "elapsed_s"]
 
-
-class TrainingDiverged(NoisecraftError):
-    pass
 
 
 class Trainer:
@@ -289,24 +292,6 @@ class Trainer:
             raise NoisecraftError(f"rank 0 could not write the checkpoint for step {self.step}; its error message "
                                   f"says why.")
 
-
-def build_batches(config: RunConfig, dataset: ImageDataset, run_dir: str | Path) -> TrainingBatches:
-    """The training batches a run needs: pixels or (for a latent run) the VAE latents of `dataset`, with class
-    labels or (for a text run) caption embeddings; latents and embeddings are computed once and cached in the
-    run directory (see components.py)."""
-    if config.latent is not None or config.text is not None:
-        from .components import latent_text_batches
-        return latent_text_batches(config, dataset, run_dir)
-    condition = ClassLabels(dataset.labels, config.model.num_classes) if config.data.conditional else None
-    return TrainingBatches(PixelImages(dataset), condition)
-
-
-def load_run_config(run_dir: str | Path) -> RunConfig:
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.json").exists():
-        raise NoisecraftError(f"{run_dir} is not a noisecraft run directory (no config.json); pass the folder "
-                              f"given to `noisecraft train --out`.")
-    return RunConfig.from_dict(load_json(run_dir / "config.json"))
 
 
 def resume_trainer(run_dir: str | Path, dataset: ImageDataset, device="cpu", progress=True, *,

@@ -25,19 +25,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..config import default_model_config
+from ..data.datasets import ImageDataset
+from ..data.order import EpochOrder
 from ..errors import NoisecraftError, brief
 from ..io.checkpoint import load_kind_config, load_weights, save_json, save_weights
 from ..io.csv_log import append_row, truncate_log
 from ..models.unet import UNetConfig
 from ..models.vdm import VDM, VDMConfig
-from ..settings import settings_from_dict
-from .config import _check_number, check_data_section, default_model_config
-from .data_order import EpochOrder
-from .datasets import ImageDataset
+from ..settings import check_data_section, check_number, settings_from_dict
 from .ema import EMA
-from .loop import TrainingLoop
-from .state import discard_unfinished_writes, load_training_state, reporting_write_errors, save_training_state
-from .trainer import TrainingDiverged
+from .loop import TrainingDiverged, TrainingLoop
+from .state import (
+    discard_unfinished_writes,
+    load_training_state,
+    reporting_write_errors,
+    save_training_state,
+)
 
 KIND = "vdm"
 CONFIG_VERSION = 1
@@ -61,16 +65,16 @@ class VDMTrainConfig:
 
     def __post_init__(self):
         s = "vdm train"
-        _check_number(s, "batch_size", self.batch_size, lo=1, integer=True)
-        _check_number(s, "lr", self.lr, lo=0)
-        _check_number(s, "warmup_steps", self.warmup_steps, lo=0, integer=True)
-        _check_number(s, "grad_clip", self.grad_clip, lo=0)
-        _check_number(s, "ema_decay", self.ema_decay, lo=0, hi=1)
-        _check_number(s, "steps", self.steps, lo=1, integer=True, allow_none=True)
-        _check_number(s, "minutes", self.minutes, lo=0, allow_none=True)
-        _check_number(s, "seed", self.seed, lo=0, integer=True)
-        _check_number(s, "log_every", self.log_every, lo=0, integer=True)
-        _check_number(s, "checkpoint_every", self.checkpoint_every, lo=0, integer=True)
+        check_number(s, "batch_size", self.batch_size, lo=1, integer=True)
+        check_number(s, "lr", self.lr, lo=0)
+        check_number(s, "warmup_steps", self.warmup_steps, lo=0, integer=True)
+        check_number(s, "grad_clip", self.grad_clip, lo=0)
+        check_number(s, "ema_decay", self.ema_decay, lo=0, hi=1)
+        check_number(s, "steps", self.steps, lo=1, integer=True, allow_none=True)
+        check_number(s, "minutes", self.minutes, lo=0, allow_none=True)
+        check_number(s, "seed", self.seed, lo=0, integer=True)
+        check_number(s, "log_every", self.log_every, lo=0, integer=True)
+        check_number(s, "checkpoint_every", self.checkpoint_every, lo=0, integer=True)
 
     @classmethod
     def from_dict(cls, data: dict) -> "VDMTrainConfig":

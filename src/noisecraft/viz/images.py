@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from noisecraft.errors import NoisecraftError
-from noisecraft.io.checkpoint import atomic_write
+from ..errors import NoisecraftError
+from ..io.checkpoint import atomic_write
 
 MIN_CELL_PX = 64  # save_* functions upscale each image until its longer side is at least this many pixels
 CAPTION_MARGIN = 4  # pixels of space around caption text

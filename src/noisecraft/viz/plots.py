@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from noisecraft.errors import NoisecraftError
-from noisecraft.io.checkpoint import atomic_write
+from ..errors import NoisecraftError
+from ..io.checkpoint import atomic_write
 
 
 def _numpy(values) -> np.ndarray:

@@ -8,17 +8,17 @@ Each part is a dataclass here whose from_dict rejects unknown keys and wrong typ
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
-from ..denoiser import PREDICTION_TYPES, check_prediction_type
-from ..errors import NoisecraftError, brief
-from ..errors import short_repr as _short
-from ..losses import LOSSES
-from ..models.unet import UNetConfig
-from ..schedule import BETA_SCHEDULES, MAX_T, NoiseSchedule
-from .timestep_sampler import TIMESTEP_SAMPLING
+from .denoiser import PREDICTION_TYPES, check_prediction_type
+from .errors import NoisecraftError, brief, short_repr as _short
+from .io.checkpoint import load_json
+from .losses import LOSSES
+from .models.unet import UNetConfig
+from .schedule import BETA_SCHEDULES, MAX_T, NoiseSchedule
+from .settings import check_choice, check_number, check_shape
 
 CONFIG_VERSION = 1
 DEFAULT_MINUTES = 20.0   # the training budget when neither steps nor minutes is given
@@ -38,55 +38,10 @@ def _from_dict(cls, data: Any, section: str):
                               "fix or delete the config.") from None
 
 
-def _check_number(section: str, name: str, value, lo=None, hi=None, integer=False, allow_none=False):
-    if value is None and allow_none:
-        return
-    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok_type:
-        kind = "an integer" if integer else "a number"
-        raise NoisecraftError(f"{section}.{name} must be {kind}, got {_short(value)}.")
-    if not math.isfinite(value):   # NaN passes every comparison below, and inf is never a useful setting
-        raise NoisecraftError(f"{section}.{name} must be a finite number, got {value!r}.")
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        bounds = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise NoisecraftError(f"{section}.{name} must be {bounds}, got {value!r}.")
 
-
-# Upper bounds that no real run comes near; they turn a corrupted or hostile config into a clear error before
-# anything is allocated (a schedule of 10^12 steps, a 10^9-channel image).
-MAX_CHANNELS = 1024
-MAX_VALUES_PER_IMAGE = 2 ** 28     # C·H·W: a 16384×16384 grey image or a 9459×9459 RGB one
 MAX_TEXT_LENGTH = 65_536
 MAX_TEXT_DIM = 65_536
 
-
-def _check_shape(section: str, name: str, shape) -> tuple[int, int, int]:
-    """A (C, H, W) tuple of positive integers of sane size, from a list or tuple."""
-    if not isinstance(shape, (list, tuple)) or len(shape) != 3 or any(
-            isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in shape):
-        raise NoisecraftError(f"{section}.{name} must be three positive integers (C, H, W), got {_short(shape)}.")
-    c, h, w = shape
-    if c > MAX_CHANNELS or c * h * w > MAX_VALUES_PER_IMAGE:
-        raise NoisecraftError(f"{section}.{name} {tuple(shape)} is too large (at most {MAX_CHANNELS} channels and "
-                              f"{MAX_VALUES_PER_IMAGE} values per image); fix or delete the config.")
-    return tuple(shape)
-
-
-def _check_choice(section: str, name: str, value, choices) -> None:
-    if not isinstance(value, str) or value not in choices:
-        raise NoisecraftError(f"unknown {section}.{name} {_short(value)}; choose one of {', '.join(choices)}.")
-
-
-def check_data_section(data, path) -> None:
-    """The "data" section of a VAE or VDM run's config.json: an object whose dataset is a name and whose
-    image_shape is (C, H, W), which the commands read directly."""
-    if not isinstance(data, dict):
-        raise NoisecraftError(f"{path} has no valid 'data' section (got {_short(data)}); restore it or retrain.")
-    if "image_shape" not in data:
-        raise NoisecraftError(f"the 'data' section of {path} lacks image_shape; restore it or retrain.")
-    _check_shape("data", "image_shape", data["image_shape"])
-    if "dataset" in data and (not isinstance(data["dataset"], str) or not data["dataset"]):
-        raise NoisecraftError(f"data.dataset in {path} must be a dataset name, got {_short(data['dataset'])}.")
 
 
 @dataclass
@@ -107,19 +62,19 @@ class DiffusionConfig:
         if not isinstance(self.schedule, str) or self.schedule not in BETA_SCHEDULES:
             raise NoisecraftError(f"unknown beta schedule {_short(self.schedule)}; choose one of "
                                   f"{', '.join(BETA_SCHEDULES)}.")
-        _check_number("diffusion", "T", self.T, lo=2, hi=MAX_T, integer=True)
-        _check_choice("diffusion", "prediction", self.prediction, PREDICTION_TYPES)
+        check_number("diffusion", "T", self.T, lo=2, hi=MAX_T, integer=True)
+        check_choice("diffusion", "prediction", self.prediction, PREDICTION_TYPES)
         check_prediction_type(self.prediction)
-        _check_number("diffusion", "min_snr_gamma", self.min_snr_gamma, lo=0, allow_none=True)
-        _check_number("diffusion", "beta_start", self.beta_start, lo=0, hi=1, allow_none=True)
-        _check_number("diffusion", "beta_end", self.beta_end, lo=0, hi=1, allow_none=True)
+        check_number("diffusion", "min_snr_gamma", self.min_snr_gamma, lo=0, allow_none=True)
+        check_number("diffusion", "beta_start", self.beta_start, lo=0, hi=1, allow_none=True)
+        check_number("diffusion", "beta_end", self.beta_end, lo=0, hi=1, allow_none=True)
         if not isinstance(self.learn_sigma, bool):
             raise NoisecraftError(f"diffusion.learn_sigma must be true or false, got {self.learn_sigma!r}.")
         if not isinstance(self.clip_x0, bool):
             raise NoisecraftError(f"diffusion.clip_x0 must be true or false, got {_short(self.clip_x0)}.")
         if not isinstance(self.loss, str) or self.loss not in LOSSES:
             raise NoisecraftError(f"unknown loss {_short(self.loss)}; choose one of {', '.join(LOSSES)}.")
-        _check_number("diffusion", "vlb_weight", self.vlb_weight, lo=0)
+        check_number("diffusion", "vlb_weight", self.vlb_weight, lo=0)
         if not isinstance(self.timestep_sampling, str) or self.timestep_sampling not in TIMESTEP_SAMPLING:
             raise NoisecraftError(f"unknown timestep sampling {_short(self.timestep_sampling)}; choose one of "
                                   f"{', '.join(TIMESTEP_SAMPLING)}.")
@@ -154,18 +109,18 @@ class TrainConfig:
     log_every: int = 25               # CSV log interval in steps
 
     def __post_init__(self):
-        _check_number("train", "batch_size", self.batch_size, lo=1, integer=True)
-        _check_number("train", "lr", self.lr, lo=0)
-        _check_number("train", "warmup_steps", self.warmup_steps, lo=0, integer=True)
-        _check_number("train", "weight_decay", self.weight_decay, lo=0)
-        _check_number("train", "grad_clip", self.grad_clip, lo=0)
-        _check_number("train", "ema_decay", self.ema_decay, lo=0, hi=1)
-        _check_number("train", "steps", self.steps, lo=1, integer=True, allow_none=True)
-        _check_number("train", "minutes", self.minutes, lo=0, allow_none=True)
-        _check_number("train", "seed", self.seed, lo=0, integer=True)
-        _check_number("train", "label_dropout", self.label_dropout, lo=0, hi=1)
+        check_number("train", "batch_size", self.batch_size, lo=1, integer=True)
+        check_number("train", "lr", self.lr, lo=0)
+        check_number("train", "warmup_steps", self.warmup_steps, lo=0, integer=True)
+        check_number("train", "weight_decay", self.weight_decay, lo=0)
+        check_number("train", "grad_clip", self.grad_clip, lo=0)
+        check_number("train", "ema_decay", self.ema_decay, lo=0, hi=1)
+        check_number("train", "steps", self.steps, lo=1, integer=True, allow_none=True)
+        check_number("train", "minutes", self.minutes, lo=0, allow_none=True)
+        check_number("train", "seed", self.seed, lo=0, integer=True)
+        check_number("train", "label_dropout", self.label_dropout, lo=0, hi=1)
         for name in ("sample_every", "checkpoint_every", "log_every"):
-            _check_number("train", name, getattr(self, name), lo=0, integer=True)
+            check_number("train", name, getattr(self, name), lo=0, integer=True)
 
 
 @dataclass
@@ -176,7 +131,7 @@ class DataConfig:
     conditional: bool = False
 
     def __post_init__(self):
-        self.image_shape = _check_shape("data", "image_shape", self.image_shape)
+        self.image_shape = check_shape("data", "image_shape", self.image_shape)
         if not isinstance(self.dataset, str) or not self.dataset:
             raise NoisecraftError(f"data.dataset must be a dataset name such as \"mnist\", got {_short(self.dataset)}.")
         if not isinstance(self.class_names, list) or any(not isinstance(n, str) for n in self.class_names):
@@ -193,8 +148,8 @@ class LatentConfig:
     latent_shape: tuple[int, int, int] = (4, 7, 7)
 
     def __post_init__(self):
-        self.latent_shape = _check_shape("latent", "latent_shape", self.latent_shape)
-        _check_number("latent", "scaling_factor", self.scaling_factor, lo=1e-8)
+        self.latent_shape = check_shape("latent", "latent_shape", self.latent_shape)
+        check_number("latent", "scaling_factor", self.scaling_factor, lo=1e-8)
 
 
 @dataclass
@@ -206,8 +161,8 @@ class TextConfig:
     dim: int = 768
 
     def __post_init__(self):
-        _check_number("text", "max_length", self.max_length, lo=1, hi=MAX_TEXT_LENGTH, integer=True)
-        _check_number("text", "dim", self.dim, lo=1, hi=MAX_TEXT_DIM, integer=True)
+        check_number("text", "max_length", self.max_length, lo=1, hi=MAX_TEXT_LENGTH, integer=True)
+        check_number("text", "dim", self.dim, lo=1, hi=MAX_TEXT_DIM, integer=True)
 
 
 @dataclass
@@ -342,3 +297,14 @@ def make_run_config(dataset, conditional: bool = False, model: dict | None = Non
         latent=latent,
         text=text,
     )
+
+
+def load_run_config(run_dir: str | Path) -> RunConfig:
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").exists():
+        raise NoisecraftError(f"{run_dir} is not a noisecraft run directory (no config.json); pass the folder "
+                              f"given to `noisecraft train --out`.")
+    return RunConfig.from_dict(load_json(run_dir / "config.json"))
+
+
+TIMESTEP_SAMPLING = ("uniform", "importance")

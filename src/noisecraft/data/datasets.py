@@ -18,9 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from noisecraft.errors import NoisecraftError
-from noisecraft.memory import physical_memory
-from noisecraft.training.download import SOURCES, ensure_files
+from ..errors import NoisecraftError
+from ..memory import physical_memory
+from .download import SOURCES, ensure_files
 
 DATASET_NAMES = ("digits", "mnist", "fashion-mnist")  # plus "folder:PATH"
 SPLITS = ("train", "test")
@@ -179,7 +179,9 @@ def _resize(images: torch.Tensor, size: int, chunk: int = 4096) -> torch.Tensor:
 
 
 def _load_digits(split: str, image_size: int | None) -> ImageDataset:
-    from sklearn.datasets import load_digits  # bundled with scikit-learn, so no download
+    from sklearn.datasets import (
+        load_digits,  # bundled with scikit-learn, so no download
+    )
 
     digits = load_digits()
     if image_size is not None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import NoisecraftError
-from .checkpoint import load_json, load_torch, load_weights, save_json, save_weights
+from ..io.checkpoint import load_json, load_torch, load_weights, save_json, save_weights
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors",
                 "diffusion_pytorch_model.bin", "pytorch_model.bin")
@@ -117,7 +117,11 @@ def save_diffusers_vae(vae, scaling_factor: float, folder: str | Path, sample_si
 
 def clip_text_from_transformers(config: dict, weights: dict[str, torch.Tensor], source="the text encoder"):
     """Our CLIPTextTransformer from a transformers CLIPTextModel config dict and state dict."""
-    from ..models.clip import CLIPTextConfig, CLIPTextTransformer, strip_text_model_prefix
+    from ..models.clip import (
+        CLIPTextConfig,
+        CLIPTextTransformer,
+        strip_text_model_prefix,
+    )
     config = config.get("text_config", config)    # a whole CLIPModel's config nests the text part
     _require(config, ("hidden_size", "num_hidden_layers", "num_attention_heads"), source)
     eos = config.get("eos_token_id")

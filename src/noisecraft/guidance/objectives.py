@@ -1,4 +1,4 @@
-"""Example losses for loss guidance (`noisecraft sample RUN --guide noisecraft.guides:brightness`).
+"""Example losses for loss guidance (`noisecraft sample RUN --guide noisecraft.guidance.objectives:brightness`).
 
 A guide is any function loss(x0) -> one value per sample, where x0 is the model's predicted clean image
 (N×C×H×W in [-1, 1]) and lower is better; sampling is pushed down its gradient (see `LossGuidance`).
@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from .errors import NoisecraftError
+from ..errors import NoisecraftError
 
 __all__ = ["brightness", "less_blue", "match_reference"]
 
@@ -26,7 +26,7 @@ def less_blue(x0: torch.Tensor) -> torch.Tensor:
     """Σ of the blue channel: lower when the image is less blue. Needs RGB images."""
     if x0.ndim != 4 or x0.shape[1] != 3:
         raise NoisecraftError(f"the less_blue guide needs RGB images (N×3×H×W), got shape {tuple(x0.shape)}; "
-                              "use it with a colour model, or try noisecraft.guides:brightness.")
+                              "use it with a colour model, or try noisecraft.guidance.objectives:brightness.")
     return x0[:, 2].flatten(1).sum(1)
 
 

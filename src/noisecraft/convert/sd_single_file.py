@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ..errors import NoisecraftError
-from .checkpoint import load_torch, load_weights, save_torch, save_weights
+from ..io.checkpoint import load_torch, load_weights, save_torch, save_weights
 from .diffusers_unet import WRITTEN_SETTINGS
 from .hf_format import key_mismatch
 

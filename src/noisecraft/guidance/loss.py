@@ -1,11 +1,11 @@
-"""Steering a denoiser: loss guidance, inpainting masks, and interpolation of the starting noise.
+"""Loss guidance: steer a denoiser by the gradient of any differentiable loss on the predicted x̂0.
 
-Each wrapper here takes a denoiser D(x, σ, cond) -> x̂0 and returns another one, so it works with every
+Each wrapper in guidance/ takes a denoiser D(x, σ, cond) -> x̂0 and returns another one, so it works with every
 sampler (they only ever call D) and with any model behind D, pixel or latent. Wrappers stack:
 
-    D = ClassifierFreeGuidance(base, 3.0, null)          # denoiser.py
-    D = LossGuidance(D, brightness, scale=0.1)            # push towards low loss
-    D = InpaintingDenoiser(D, known, mask)                # outermost, so the known region stays exact
+    D = ClassifierFreeGuidance(base, 3.0, null)          # guidance/classifier_free.py
+    D = LossGuidance(D, brightness, scale=0.1)            # this module: push towards low loss
+    D = InpaintingDenoiser(D, known, mask)                # guidance/inpainting.py: outermost, so the known region stays exact
 
 On the σ scale (x = x0 + σ·ε) the score and the denoiser are tied by Tweedie's formula,
 ∇_x log p_σ(x) = (D(x, σ) - x) / σ², so a change of the score by Δ is a change of x̂0 by σ²·Δ.
@@ -13,14 +13,13 @@ On the σ scale (x = x0 + σ·ε) the score and the denoiser are tied by Tweedie
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
 from torch import nn
 
-from .denoiser import DenoiserWrapper, _as_batch
-from .errors import NoisecraftError
+from ..denoiser import DenoiserWrapper, _as_batch
+from ..errors import NoisecraftError
 
 
 def _per_sample(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
@@ -111,81 +110,4 @@ class LossGuidance(DenoiserWrapper):
         return (x0 - self.scale * step).detach()
 
 
-# --------------------------------------------------------------------------------------------------
-# inpainting
-
-
-class InpaintingDenoiser(DenoiserWrapper):
-    """Generate only where `mask` is 1 and keep `known` where it is 0 ("replace" inpainting on x̂0):
-
-        D'(x, σ) = (1 - m)·x_known + m·D(x, σ)
-
-    Every sampler moves x towards its x̂0, so the known region of x is always the known image plus noise
-    at the current level: deterministic samplers (DDIM, Euler, Heun, LMS, DPM++) keep x = x_known + σ·c
-    there, with c fixed by the starting noise, and ancestral ones add fresh noise of the right variance.
-    That is the "noise the known part to the current σ and paste it in" step of Lugmayr et al. 2022
-    (RePaint, eq. 8, without resampling) and SDEdit, done once inside the denoiser instead of after each
-    sampler step; at σ = 0 the known pixels come out exactly. The network sees the whole noisy image,
-    so the generated region is drawn to match its surroundings.
-
-    known: images on the data scale, N×C×H×W (or one C×H×W image for the whole batch); mask: 1 = to
-    generate, 0 = keep (the convention of Stable Diffusion inpainting, where white is repainted),
-    broadcastable to known (e.g. N×1×H×W or H×W), values in [0, 1] (soft edges blend).
-    """
-
-    def __init__(self, denoiser: nn.Module, known: torch.Tensor, mask: torch.Tensor):
-        super().__init__(denoiser)
-        mask = torch.as_tensor(mask, dtype=known.dtype, device=known.device)
-        try:
-            torch.broadcast_shapes(mask.shape, known.shape)
-        except RuntimeError:
-            raise NoisecraftError(f"the inpainting mask of shape {tuple(mask.shape)} does not fit images of shape "
-                                  f"{tuple(known.shape)}; give one mask per image or one for all (H×W).") from None
-        if mask.numel() and (mask.min() < 0 or mask.max() > 1):
-            raise NoisecraftError("an inpainting mask must hold values in [0, 1] (1 = generate, 0 = keep).")
-        self.known, self.mask = known, mask
-
-    def forward(self, x, sigma, cond=None):
-        x0 = self.inner(x, sigma, cond)
-        known, mask = self.known.to(x0.device, x0.dtype), self.mask.to(x0.device, x0.dtype)
-        return (1 - mask) * known + mask * x0
-
-
-# --------------------------------------------------------------------------------------------------
-# interpolation
-
-
-def slerp(z0: torch.Tensor, z1: torch.Tensor, t) -> torch.Tensor:
-    """Spherical linear interpolation (Shoemake 1985), treating each tensor as one vector:
-
-        slerp(z0, z1; t) = sin((1 - t)θ)/sin θ · z0 + sin(tθ)/sin θ · z1,   cos θ = ⟨z0, z1⟩ / (|z0| |z1|)
-
-    Gaussian noise in many dimensions lives near a sphere of radius sqrt(d); the straight line between
-    two draws cuts inside it (|lerp(½)| ≈ |z|/√2, an atypical, blurry start), the great circle does not.
-    t: a number (returns z0's shape) or a 1-D tensor/list of n numbers (returns n×shape). Nearly parallel
-    inputs fall back to the straight line.
-    """
-    if z0.shape != z1.shape:
-        raise NoisecraftError(f"slerp needs two tensors of one shape, got {tuple(z0.shape)} and {tuple(z1.shape)}.")
-    ts = torch.as_tensor(t, dtype=torch.float64)
-    a, b = z0.double().flatten(), z1.double().flatten()
-    cos = (a @ b / (a.norm() * b.norm()).clamp_min(1e-30)).clamp(-1.0, 1.0)
-    theta = torch.arccos(cos)
-    flat = ts.reshape(-1, 1)
-    if math.sin(float(theta)) < 1e-6:
-        out = (1 - flat) * a + flat * b
-    else:
-        out = (torch.sin((1 - flat) * theta) * a + torch.sin(flat * theta) * b) / torch.sin(theta)
-    out = out.to(z0.dtype).reshape(-1, *z0.shape)
-    return out[0] if ts.ndim == 0 else out
-
-
-def lerp(c0: torch.Tensor, c1: torch.Tensor, t) -> torch.Tensor:
-    """Straight-line interpolation (1 - t)·c0 + t·c1 of conditions (label mixtures, embeddings);
-    t as in `slerp`."""
-    ts = torch.as_tensor(t, dtype=c0.dtype, device=c0.device)
-    out = torch.lerp(c0.unsqueeze(0), c1.unsqueeze(0), ts.reshape(-1, *(1,) * c0.ndim))
-    return out[0] if ts.ndim == 0 else out
-
-
-__all__ = ["DenoiserWrapper", "GUIDANCE_MODES", "InpaintingDenoiser", "LossGuidance", "lerp", "slerp"]
+__all__ = ["GUIDANCE_MODES", "LossGuidance"]

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 from ..errors import NoisecraftError
+from ..io.checkpoint import save_json, save_weights
 from ..models.unet import UNet, UNetConfig
-from .checkpoint import save_json, save_weights
 from .hf_format import load_into, read_component
 
 # UNet2DConditionModel settings that every U-Net we read or write has (SD's, and our own): SiLU, sinusoidal time
