@@ -67,7 +67,8 @@ def _as_diffusers_starts(pipe, z, scheduler):
 
 def test_defaults_are_stable_diffusions(sd):
     pipe = load_pipeline(sd[0])
-    assert pipe.defaults == {"sampler": "lms", "steps": 50, "guidance": 7.5, "spacing": "linspace"}
+    assert pipe.defaults.resolve() == {"sampler": "lms", "steps": 50, "guidance": 7.5, "spacing": "linspace"}
+    assert pipe.defaults.resolve(path=True) == pipe.defaults.resolve()     # LMS is deterministic: paths use it too
     assert pipe.schedule.kind == "scaled_linear"
     assert float(pipe.schedule.betas[0]) == pytest.approx(0.00085) and float(pipe.schedule.betas[-1]) == pytest.approx(0.012)
     assert pipe.config.diffusion.prediction == "eps" and pipe.scaling_factor == pytest.approx(0.18215)
@@ -160,8 +161,9 @@ def test_loss_guidance_on_the_decoded_image_makes_it_less_blue(sd):
     def blue(x0):   # decoded x̂0 in [-1, 1]: the blue channel's total per image
         return x0[:, 2].sum(dim=(1, 2))
 
-    plain = pipe.sample(2, prompt=PROMPT, steps=10, noise=z).images
-    guided = pipe.sample(2, prompt=PROMPT, steps=10, noise=z, guide=blue, guide_scale=1.0, guide_every=5).images
+    settings = dict(prompt=PROMPT, sampler="ddpm", steps=10, guidance=1.0, spacing="leading", noise=z)  # not SD defaults
+    plain = pipe.sample(2, **settings).images
+    guided = pipe.sample(2, **settings, guide=blue, guide_scale=1.0, guide_every=5).images
     assert guided[:, 2].mean() < plain[:, 2].mean() - 0.03                          # less blue
     assert (guided[:, 2] - plain[:, 2]).abs().mean() > (guided[:, :2] - plain[:, :2]).abs().mean()  # mostly blue
 

@@ -128,8 +128,8 @@ def _need_output(args) -> None:
 
 
 def _load_pipeline(args):
-    """The run, diffusers folder or SD single file named by RUN or --model, with the memory options applied and
-    the model's own defaults filled in for the sampling flags the user left out."""
+    """The run, diffusers folder or SD single file named by RUN or --model, with the memory options applied. The
+    sampling flags the user left out stay None: the pipeline fills in the model's own defaults."""
     from ..pipelines.stable_diffusion import load_pipeline
     path = getattr(args, "model", None) or args.run
     if path is None:
@@ -143,10 +143,18 @@ def _load_pipeline(args):
         pipe.enable_attention_slicing(args.attention_slicing)
     if getattr(args, "vae_tiling", False):
         pipe.enable_vae_tiling()
-    for name, value in pipe.defaults.items():
-        if getattr(args, name, "absent") is None:
-            setattr(args, name, value)
     return pipe
+
+
+def _shown_settings(pipe, args, path: bool = False) -> dict:
+    """The sampler and steps this call will use (the flags, else the model's defaults), for the progress bar and
+    the GIF's frame spacing; the pipeline resolves them the same way."""
+    return pipe.defaults.resolve(args.sampler, args.steps, path=path)
+
+
+def _gif_every(args, steps: int) -> int:
+    """--save-every, or with --gif alone about 25 frames."""
+    return args.save_every or (max(1, steps // 25) if args.gif else 0)
 
 
 def _size_options(args) -> dict:
@@ -202,11 +210,12 @@ def _draw(pipe, args):
     mixed = _mixed_prompt(pipe, args)
     if mixed is not None:
         options["prompt"] = mixed
-    save_every = args.save_every or (max(1, args.steps // 25) if args.gif else 0)
-    progress, close = _progress(args.n, f"{args.sampler}-{args.steps}")
+    shown = _shown_settings(pipe, args)
+    progress, close = _progress(args.n, f"{shown['sampler']}-{shown['steps']}")
     t0 = time.perf_counter()
     try:
-        result = pipe.sample(args.n, sampler=args.sampler, steps=args.steps, seed=args.seed, save_every=save_every,
+        result = pipe.sample(args.n, sampler=args.sampler, steps=args.steps, seed=args.seed,
+                             save_every=_gif_every(args, shown["steps"]),
                              batch_size=args.batch_size, spacing=args.spacing, progress=progress, **options)
     finally:
         close()
@@ -225,17 +234,26 @@ def _edit(args, job: str) -> int:
 
     _need_output(args)
     pipe = _load_pipeline(args)
-    channels, height, width = pipe.image_shape
-    height, width = args.height or height, args.width or width
+    channels = pipe.image_shape[0]
+    if args.height or args.width:
+        _, height, width = pipe.image_shape
+        height, width = args.height or height, args.width or width
+    else:   # the input's own size, rounded to what the model takes (as diffusers' img2img does)
+        native = tuple(load_images(args.input, channels).shape[-2:])
+        height, width = pipe.round_size(*native)
+        if (height, width) != native:
+            print(f"note: the input is {native[0]}×{native[1]}; resized to {height}×{width}, a multiple of "
+                  f"{pipe.downsample_factor} for this model.", file=sys.stderr)
     images = load_images(args.input, channels, (height, width))
     options = {**_sampler_options(args), **_control_options(args)}
     mixed = _mixed_prompt(pipe, args)
     if mixed is not None:
         options["prompt"] = mixed
     n = args.n if args.n is not None else images.shape[0]
-    save_every = args.save_every or (max(1, args.steps // 25) if args.gif else 0)
-    progress, close = _progress(n, f"{job} {args.sampler}-{args.steps}")
-    common = dict(n=n, sampler=args.sampler, steps=args.steps, seed=args.seed, save_every=save_every,
+    shown = _shown_settings(pipe, args)
+    progress, close = _progress(n, f"{job} {shown['sampler']}-{shown['steps']}")
+    common = dict(n=n, sampler=args.sampler, steps=args.steps, seed=args.seed,
+                  save_every=_gif_every(args, shown["steps"]),
                   batch_size=args.batch_size, spacing=args.spacing, progress=progress, **options)
     t0 = time.perf_counter()
     try:
@@ -274,7 +292,7 @@ def cmd_interpolate(args) -> int:
                                     prompt=prompt, prompt_b=prompt_b, negative_prompt=args.negative_prompt,
                                     sampler=args.sampler, steps=args.steps, spacing=args.spacing,
                                     guidance=args.guidance, negative_label=args.negative_label,
-                                    save_every=args.save_every or (max(1, args.steps // 25) if args.gif else 0),
+                                    save_every=_gif_every(args, _shown_settings(pipe, args, path=True)["steps"]),
                                     **_sampler_options(args), **_size_options(args))
     args.nrow = args.n                    # one row: the path from left to right
     written = _write_results(result, args)
@@ -303,11 +321,12 @@ def add_sampling_args(q, outputs: bool = True) -> None:
                    help="blend only these token positions (1 = the first word; default: all)")
     q.add_argument("--steps-dir", default=None,
                    help="with --save-every: folder for the decoded steps (default: next to --grid/--out)")
-    q.add_argument("--sampler", default="ddim",
+    q.add_argument("--sampler", default=None,
                    help="ddpm | ddim | plms | lms | euler | euler_ancestral | heun | dpmpp_2m | dpmpp_2m_sde | "
                         "langevin | pc, or a known alias: 'Euler a', 'DPM++ 2M', 'DPM++ 2M Karras' (any name + "
-                        "' Karras')")
-    q.add_argument("--steps", type=positive_int, default=50)
+                        "' Karras'); default: the model's (ddpm for our runs, lms for Stable Diffusion)")
+    q.add_argument("--steps", type=positive_int, default=None,
+                   help="sampler steps (default: the model's; 10 for our runs, 30 for text runs, 50 for SD)")
     q.add_argument("--spacing", default=None, help="leading | trailing | linspace (default: the model's; "
                                                     "leading, or linspace for Stable Diffusion)")
     q.add_argument("--karras", action="store_true", help="Karras et al. (EDM) sigma spacing instead of --spacing")
@@ -315,7 +334,8 @@ def add_sampling_args(q, outputs: bool = True) -> None:
                    help="noise of ddim, euler_ancestral, dpmpp_2m_sde (0: deterministic)")
     q.add_argument("--variance", default=None,
                    help="DDPM variance: small (posterior) | large (beta) | learned (--learn-sigma models' default)")
-    q.add_argument("--guidance", type=finite_float(), default=1.0, help="classifier-free guidance scale w (1 = none)")
+    q.add_argument("--guidance", type=finite_float(), default=None,
+                   help="classifier-free guidance scale w, 1 = none (default: the model's; 4 for text runs, 7.5 for SD)")
     q.add_argument("--negative-label", type=int, default=None,
                    help="with --guidance w > 1: steer away from this class (it replaces the null label)")
     q.add_argument("--negative-prompt", default=None,
@@ -351,7 +371,7 @@ def add_parsers(sub) -> None:
     s.add_argument("--n", type=positive_int, default=64)
     # DDPM with 10 steps: on the 20-minute MNIST run it beat DDIM-50 (domain score 5.3 vs 9.6, n=200) at a fifth
     # of the cost — 1000 samples in 42 s on 2 cores (README, "sample quality vs network evaluations").
-    s.set_defaults(func=cmd_sample, sampler="ddpm", steps=10)
+    s.set_defaults(func=cmd_sample)
 
     x = sub.add_parser("txt2img", help="draw images from a prompt (text-conditional runs)")
     add_sampling_args(x)
@@ -359,7 +379,7 @@ def add_parsers(sub) -> None:
     x.add_argument("--n", type=positive_int, default=16)
     # Sampler, steps and guidance: the model's own defaults (30 DDPM steps at guidance 4 for our runs; LMS, 50
     # steps, guidance 7.5 for Stable Diffusion), unless given.
-    x.set_defaults(func=cmd_txt2img, sampler=None, steps=None, guidance=None)
+    x.set_defaults(func=cmd_txt2img)
 
     e = sub.add_parser("img2img", help="edit images (SDEdit): noise them to --strength and denoise")
     add_sampling_args(e)

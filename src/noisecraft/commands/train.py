@@ -11,9 +11,10 @@ from .arg_types import count, int_list, positive_int
 from .dataset_args import add_data_args, load_data
 
 
-def _sample_grid_fn(n: int = 16, steps: int = 25):
-    """A callback for the trainer: sample n images from the EMA weights with DDIM and save a grid (one per class
-    for class- and text-conditional runs: text runs use each class's prompt)."""
+def _sample_grid_fn(n: int = 16):
+    """A callback for the trainer: sample n images from the EMA weights with the run's sampling defaults
+    (pipelines/defaults.py) and save a grid (one per class for class- and text-conditional runs: text runs use
+    each class's prompt)."""
     loaded = {}
 
     def write(trainer, path):
@@ -35,10 +36,10 @@ def _sample_grid_fn(n: int = 16, steps: int = 25):
         if per_class and cfg.text is not None:
             from ..data.captions import class_prompts
             prompts = class_prompts(cfg.data.dataset)
-            options = dict(prompt=[prompts[i % k] for i in range(count)], guidance=4.0)
+            options = dict(prompt=[prompts[i % k] for i in range(count)])
         elif per_class:
             options = dict(label=torch.arange(count) % k)
-        result = pipe.sample(count, sampler="ddim", steps=steps, seed=0, **options)
+        result = pipe.sample(count, seed=0, **options)
         save_grid(result.images, path, nrow=k if per_class else None)
     return write
 

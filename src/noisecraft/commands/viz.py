@@ -43,7 +43,7 @@ def _viz_reverse(args) -> int:
     if args.save_every is not None and args.save_every < 1:
         raise NoisecraftError(f"--save-every must be at least 1, got {args.save_every}.")
     pipe = DiffusionPipeline.from_run(args.run, device=args.device)
-    save_every = args.save_every or max(1, args.steps // 10)
+    save_every = args.save_every or max(1, pipe.defaults.resolve(args.sampler, args.steps)["steps"] // 10)
     result = pipe.sample(args.n, sampler=args.sampler, steps=args.steps, seed=args.seed, label=args.label,
                          prompt=args.prompt, guidance=args.guidance, save_every=save_every)
     written = reverse_pictures(result.trajectory, args.out or "reverse.png", args.gif)
@@ -57,15 +57,16 @@ def add_parsers(sub) -> None:
     v.add_argument("run", nargs="?", default=None, help="run directory (viz reverse), or an image (viz latents)")
     v.add_argument("--vae", default=None, help="viz latents: the autoencoder run (from noisecraft train-vae)")
     add_data_args(v)
-    v.add_argument("--sampler", default="ddim", help="viz reverse: the sampler")
-    v.add_argument("--steps", type=positive_int, default=50, help="viz reverse: sampling steps")
+    v.add_argument("--sampler", default=None, help="viz reverse: the sampler (default: the model's)")
+    v.add_argument("--steps", type=positive_int, default=None, help="viz reverse: sampling steps (default: the model's)")
     v.add_argument("--save-every", type=int, default=None,
                    help="viz reverse: a column every k steps (default steps/10)")
     v.add_argument("--gif", default=None, help="viz reverse: also a GIF of x_t")
     v.add_argument("--n", type=positive_int, default=16, help="viz reverse: samples in the GIF (the strip shows the first)")
     v.add_argument("--label", type=int, default=None, help="viz reverse: class (conditional runs)")
     v.add_argument("--prompt", default=None, help="viz reverse: prompt (text-conditional runs)")
-    v.add_argument("--guidance", type=finite_float(), default=1.0, help="viz reverse: classifier-free guidance scale")
+    v.add_argument("--guidance", type=finite_float(), default=None,
+                   help="viz reverse: classifier-free guidance scale (default: the model's)")
     v.add_argument("--device", default="cpu")
     v.add_argument("--index", type=int, default=0, help="viz forward: which dataset image")
     v.add_argument("--t", type=int, nargs="+", default=None, help="viz forward: timesteps to show (default 0 50 ... 999)")

@@ -11,14 +11,14 @@ from PIL import Image, UnidentifiedImageError
 from ..errors import NoisecraftError
 
 
-def _fit(im: Image.Image, channels: int, size: tuple[int, int], resample) -> np.ndarray:
-    """One PIL image converted to grey ("L") or RGB and resized to size (H, W): H×W×C uint8."""
+def _fit(im: Image.Image, channels: int, size: tuple[int, int] | None, resample) -> np.ndarray:
+    """One PIL image converted to grey ("L") or RGB and resized to size (H, W) unless None: H×W×C uint8."""
     if im.mode in ("RGBA", "LA", "P"):
         im = im.convert("RGBA")
         background = Image.new("RGBA", im.size, (0, 0, 0, 255))       # transparent pixels become black
         im = Image.alpha_composite(background, im)
     im = im.convert("L" if channels == 1 else "RGB")
-    if im.size != (size[1], size[0]):
+    if size is not None and im.size != (size[1], size[0]):
         im = im.resize((size[1], size[0]), resample)
     arr = np.asarray(im)
     return arr[..., None] if arr.ndim == 2 else arr
@@ -33,9 +33,10 @@ def _open(path: Path) -> Image.Image:
         raise NoisecraftError(f"cannot read the image {path} ({e}); give a PNG or JPEG file.") from None
 
 
-def load_images(path, channels: int, size: tuple[int, int]) -> torch.Tensor:
+def load_images(path, channels: int, size: tuple[int, int] | None = None) -> torch.Tensor:
     """An image file (PNG, JPEG, ...) or an .npz with key `images` (N×H×W×C or N×H×W uint8) as an
-    N×C×H×W float tensor in [-1, 1], converted to `channels` (1 or 3) and resized to `size` (H, W)."""
+    N×C×H×W float tensor in [-1, 1], converted to `channels` (1 or 3) and resized to `size` (H, W), or kept at
+    its own size when size is None."""
     path = Path(path)
     if not path.is_file():
         raise NoisecraftError(f"input {path} does not exist; give an image file or an .npz with key 'images'.")

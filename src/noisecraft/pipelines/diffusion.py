@@ -6,6 +6,7 @@ the run's frozen text encoder and reach the U-Net through cross-attention)."""
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from ..memory import physical_memory
 from ..models.unet import UNet
 from ..samplers import control, generate
 from ..samplers.control import lerp
+from .defaults import SamplingDefaults, defaults_for_run
 
 
 @dataclass
@@ -56,9 +58,9 @@ class DiffusionPipeline:
         self.scaling_factor = float(scaling_factor)
         self.text_encoder = text_encoder
         self._prompt_cache: dict[str, torch.Tensor] = {}
-        # What the CLI uses when the user does not say: our runs sample well with 30 DDPM steps at guidance 4;
-        # Stable Diffusion pipelines (pipelines/stable_diffusion.py) replace this with SD's own defaults.
-        self.defaults = {"sampler": "ddpm", "steps": 30, "guidance": 4.0, "spacing": "leading"}
+        # What every method uses for a setting left at None (pipelines/defaults.py); Stable Diffusion pipelines
+        # (pipelines/stable_diffusion.py) replace them with SD's own.
+        self.defaults: SamplingDefaults = defaults_for_run(text_conditional=config.text is not None)
 
     # --- the latent space and the text encoder ---------------------------------------------------
 
@@ -80,6 +82,22 @@ class DiffusionPipeline:
     def latent_channels(self) -> int:
         return self.model_shape[0]
 
+    def _check_memory(self, height: int, width: int) -> None:
+        """One image's full-resolution U-Net activations (~16 live tensors of base_channels floats per position)
+        must fit in memory: refuse 100000×100000 before allocating anything."""
+        f = self.downsample_factor
+        need = (height // f) * (width // f) * self.model.config.base_channels * 4 * 16
+        have = physical_memory()
+        if have is not None and need > have:
+            raise NoisecraftError(f"{height}×{width} images need about {need / 2**30:,.0f} GiB each in the U-Net, more "
+                                  f"than this machine's {have / 2**30:,.0f} GiB; choose a smaller --height/--width.")
+
+    def round_size(self, height: int, width: int) -> tuple[int, int]:
+        """The nearest size this model works at: each side rounded down to a multiple of the VAE's factor (at least
+        one factor), as diffusers' img2img does. img2img and inpaint keep their input's size this way."""
+        f = self.downsample_factor
+        return max(f, height // f * f), max(f, width // f * f)
+
     def shape_for(self, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:
         """The sampler's shape for images of height × width (default: the size the model was trained at).
         Any multiple of the VAE's downsampling factor works: the U-Net is fully convolutional."""
@@ -91,13 +109,7 @@ class DiffusionPipeline:
         for name, value in (("height", height), ("width", width)):
             if not isinstance(value, int) or value < f or value % f:
                 raise NoisecraftError(f"{name} must be a positive multiple of {f} for this model, got {value!r}.")
-        # One image's full-resolution U-Net activations (~16 live tensors of base_channels floats per position)
-        # must fit in memory: refuse 100000×100000 before allocating anything.
-        need = (height // f) * (width // f) * self.model.config.base_channels * 4 * 16
-        have = physical_memory()
-        if have is not None and need > have:
-            raise NoisecraftError(f"{height}×{width} images need about {need / 2**30:,.0f} GiB each in the U-Net, more "
-                                  f"than this machine's {have / 2**30:,.0f} GiB; choose a smaller --height/--width.")
+        self._check_memory(height, width)
         return (self.latent_channels, height // f, width // f)
 
     # --- memory and speed -----------------------------------------------------------------------
@@ -322,10 +334,17 @@ class DiffusionPipeline:
         images = torch.as_tensor(images, dtype=torch.float32)
         if images.ndim == 3:
             images = images.unsqueeze(0)
-        c, f = self.image_shape[0], self.downsample_factor
-        if images.ndim != 4 or images.shape[1] != c or images.shape[2] % f or images.shape[3] % f:
-            raise NoisecraftError(f"{what} must have shape N×{c}×H×W with H and W multiples of {f} for this model, "
-                                  f"got {tuple(images.shape)}; convert or resize them first.")
+        c = self.image_shape[0]
+        if images.ndim != 4 or images.shape[1] != c:
+            raise NoisecraftError(f"{what} must have shape N×{c}×H×W for this model, got {tuple(images.shape)}; "
+                                  "convert them first.")
+        height, width = self.round_size(images.shape[2], images.shape[3])
+        self._check_memory(height, width)
+        if (height, width) != tuple(images.shape[2:]):
+            warnings.warn(f"{what} of {images.shape[2]}×{images.shape[3]} resized to {height}×{width} (a multiple of "
+                          f"{self.downsample_factor} for this model).", stacklevel=3)
+            images = torch.nn.functional.interpolate(images, size=(height, width), mode="bicubic", antialias=True,
+                                                     align_corners=False).clamp(-1, 1)
         shape = tuple(images.shape[1:])
         if n is not None:
             if images.shape[0] == 1:
@@ -335,14 +354,15 @@ class DiffusionPipeline:
         return images.to(self.device)
 
     @torch.no_grad()
-    def sample(self, n: int, *, sampler: str = "ddpm", steps: int = 10, seed: int = 0, label=None,
+    def sample(self, n: int, *, sampler: str | None = None, steps: int | None = None, seed: int = 0, label=None,
                prompt=None, negative_prompt: str | None = None,
-               guidance: float = 1.0, negative_label: int | None = None, guide=None, guide_scale: float = 1.0,
+               guidance: float | None = None, negative_label: int | None = None, guide=None, guide_scale: float = 1.0,
                guide_every: int = 1, guide_mode: str = "x0", guide_max_sigma: float = float("inf"),
-               save_every: int = 0, batch_size: int = 250, spacing: str = "leading", progress=None,
+               save_every: int = 0, batch_size: int = 250, spacing: str | None = None, progress=None,
                height: int | None = None, width: int | None = None, noise: torch.Tensor | None = None,
                **options) -> SampleResult:
-        """Draw n images.
+        """Draw n images. sampler, steps, guidance and spacing left at None take the model's defaults
+        (`self.defaults`: pipelines/defaults.py).
 
         label: None (unconditional), one class index, or one per image. guidance w > 1: classifier-free
         guidance, with `negative_label` (if given) in place of the null label, so samples move away from
@@ -357,6 +377,8 @@ class DiffusionPipeline:
         if self.inpainting_model:
             raise NoisecraftError("this is an inpainting model (its U-Net also reads a mask and the masked image); "
                                   "use inpaint with an image and a mask.")
+        settings = self.defaults.resolve(sampler, steps, guidance, spacing)
+        sampler, steps, guidance, spacing = (settings[k] for k in ("sampler", "steps", "guidance", "spacing"))
         shape = self.shape_for(height, width)
         if noise is not None and (noise.ndim != 4 or tuple(noise.shape) != (n, *shape)):
             raise NoisecraftError(f"noise must have shape {n}×{'×'.join(map(str, shape))}, got {tuple(noise.shape)}.")
@@ -373,12 +395,14 @@ class DiffusionPipeline:
                          guide_max_sigma=guide_max_sigma)
 
     @torch.no_grad()
-    def img2img(self, images, strength: float = 0.6, *, n: int | None = None, sampler: str = "ddim",
-                steps: int = 50, seed: int = 0, spacing: str = "leading", **kwargs) -> SampleResult:
+    def img2img(self, images, strength: float = 0.6, *, n: int | None = None, sampler: str | None = None,
+                steps: int | None = None, seed: int = 0, spacing: str | None = None, **kwargs) -> SampleResult:
         """SDEdit: noise `images` (N×C×H×W or C×H×W in [-1, 1]) to strength s ∈ (0, 1] and denoise them
         with the last round(s·steps) steps of the sampler (see noisecraft.samplers.control.img2img).
         With one input image and n given, it is edited n times (seeds seed, seed + 1, ...). Labels,
-        guidance, loss guidance, save_every, batch_size, progress and sampler options as in `sample`."""
+        guidance, loss guidance, save_every, batch_size, progress and sampler options as in `sample`; the
+        output has the input's size (rounded to a multiple of `size_multiple`, see `round_size`)."""
+        sampler, steps, spacing, kwargs = self._resolve(sampler, steps, spacing, kwargs)
         images = self._input_images(images, n)
         control.strength_sigmas(torch.zeros(2), strength)                  # a bad strength fails before any work
         images = self.encode(images)
@@ -391,11 +415,12 @@ class DiffusionPipeline:
         return self._run(images.shape[0], draw, **run_kw)
 
     @torch.no_grad()
-    def inpaint(self, images, mask, *, n: int | None = None, sampler: str = "ddim", steps: int = 50, seed: int = 0,
-                spacing: str = "leading", **kwargs) -> SampleResult:
+    def inpaint(self, images, mask, *, n: int | None = None, sampler: str | None = None, steps: int | None = None,
+                seed: int = 0, spacing: str | None = None, **kwargs) -> SampleResult:
         """Generate the region where `mask` is 1 (white) and keep `images` where it is 0 (see
         noisecraft.guidance.loss.InpaintingDenoiser). mask: H×W, 1×H×W, N×1×H×W or N×C×H×W in [0, 1]. Other
         arguments as in `img2img`."""
+        sampler, steps, spacing, kwargs = self._resolve(sampler, steps, spacing, kwargs)
         images = self._input_images(images, n)
         mask = torch.as_tensor(mask, dtype=torch.float32, device=self.device)
         while mask.ndim < 4:
@@ -453,6 +478,11 @@ class DiffusionPipeline:
 
         return self._run(images.shape[0], draw, base=base, **run_kw)
 
+    def _resolve(self, sampler, steps, spacing, kwargs: dict):
+        """img2img / inpaint: the model's defaults for what was left at None (guidance travels in kwargs)."""
+        settings = self.defaults.resolve(sampler, steps, kwargs.get("guidance"), spacing)
+        return settings["sampler"], settings["steps"], settings["spacing"], {**kwargs, "guidance": settings["guidance"]}
+
     _RUN_KEYS = ("label", "negative_label", "prompt", "negative_prompt", "save_every", "batch_size", "progress",
                  "guidance", "guide", "guide_scale", "guide_every", "guide_mode", "guide_max_sigma")
 
@@ -464,14 +494,17 @@ class DiffusionPipeline:
     @torch.no_grad()
     def interpolate_seeds(self, seed_a: int, seed_b: int, n: int = 8, *, label: int | None = None,
                           label_b: int | None = None, prompt: str | None = None, prompt_b: str | None = None,
-                          negative_prompt: str | None = None, sampler: str = "ddim", steps: int = 50,
-                          guidance: float = 1.0, negative_label: int | None = None, save_every: int = 0,
-                          spacing: str = "leading", height: int | None = None, width: int | None = None,
+                          negative_prompt: str | None = None, sampler: str | None = None, steps: int | None = None,
+                          guidance: float | None = None, negative_label: int | None = None, save_every: int = 0,
+                          spacing: str | None = None, height: int | None = None, width: int | None = None,
                           **options) -> SampleResult:
         """n images on the path from seed_a's picture to seed_b's: slerp of the starting noise (the ends are
         exactly `sample(1, seed=seed_a)` and `seed_b`'s for deterministic samplers). With label and label_b
         the class moves too: the label embeddings are mixed linearly (soft labels), e.g. from a 3 to an 8.
-        Text models do the same with prompt and prompt_b: their token embeddings are mixed linearly."""
+        Text models do the same with prompt and prompt_b: their token embeddings are mixed linearly.
+        Left at None, sampler and steps are the model's deterministic path sampler (`defaults.path_sampler`)."""
+        settings = self.defaults.resolve(sampler, steps, guidance, spacing, path=True)
+        sampler, steps, guidance, spacing = (settings[k] for k in ("sampler", "steps", "guidance", "spacing"))
         shape = self.shape_for(height, width)
         if prompt_b is not None:
             if prompt is None:

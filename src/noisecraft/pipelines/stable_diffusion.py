@@ -8,8 +8,7 @@ handing them to the same DiffusionPipeline that samples our own runs:
 
     pipe = load_pipeline("stable-diffusion-v1-5/")              # a diffusers folder, or
     pipe = load_pipeline("v1-5-pruned-emaonly.safetensors")     # the original single file
-    images = pipe.sample(1, prompt="an astronaut riding a horse", guidance=7.5, steps=50,
-                         sampler="lms", spacing="linspace").images
+    images = pipe.sample(1, prompt="an astronaut riding a horse").images   # SD's defaults: LMS, 50 steps, w 7.5
 
 Two layouts exist on disk. The diffusers folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/, each with a
 config.json) uses the parameter names our modules already have, up to a rename of the U-Net's keys
@@ -35,13 +34,12 @@ from ..config import (
 )
 from ..errors import NoisecraftError
 from ..io.checkpoint import load_json, save_json
+from .defaults import STABLE_DIFFUSION, STABLE_DIFFUSION_SIZE
 from .diffusion import DiffusionPipeline, parse_dtype
 
 # What SD 1.x shipped: 1000 scaled-linear steps from β = 0.00085 to 0.012, ε-prediction.
 SD_SCHEDULER = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
                 "beta_schedule": "scaled_linear", "prediction_type": "epsilon"}
-# The sampling defaults people know from SD front ends: LMS, 50 steps, guidance 7.5.
-SD_DEFAULTS = {"sampler": "lms", "steps": 50, "guidance": 7.5, "spacing": "linspace"}
 
 _PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 _SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
@@ -107,7 +105,7 @@ def pipeline_from_components(unet, vae, scaling_factor: float, text_encoder, dif
                                            latent_shape=(latent_channels, size // f, size // f)),
                        text=TextConfig(max_length=text_encoder.max_length, dim=text_encoder.dim))
     pipe = DiffusionPipeline(unet, config, device, vae=vae, scaling_factor=scaling_factor, text_encoder=text_encoder)
-    pipe.defaults = dict(SD_DEFAULTS)
+    pipe.defaults = STABLE_DIFFUSION      # LMS, 50 steps, guidance 7.5, linspace (pipelines/defaults.py)
     return pipe
 
 
@@ -142,7 +140,7 @@ def load_diffusers_folder(folder: str | Path, device="cpu") -> DiffusionPipeline
                                     image_size=image_size, device=device, name=folder.name)
 
 
-def load_single_file(path: str | Path, device="cpu", prediction: str = "epsilon", image_size: int = 512,
+def load_single_file(path: str | Path, device="cpu", prediction: str = "epsilon", image_size: int = STABLE_DIFFUSION_SIZE,
                      config: str | Path | None = None) -> DiffusionPipeline:
     """An original Stable Diffusion 1.x checkpoint (.safetensors or .ckpt). The file has no configuration:
     the architecture is read off the tensor shapes, and what shapes cannot tell (head counts, GroupNorm groups)
