@@ -181,7 +181,7 @@ def _write_steps(result, args) -> list:
     folder = Path(args.steps_dir) if getattr(args, "steps_dir", None) else base.with_name(base.stem + "_steps")
     written = []
     for info in result.trajectory:
-        shown = info.get("preview", info["x"])[:8].clamp(-1, 1)
+        shown = info["preview"][:8].clamp(-1, 1)
         pair = torch.cat([shown, info["denoised"][:8].clamp(-1, 1)])
         written.append(save_grid(pair, folder / f"step_{info['i'] + 1:03d}.png", nrow=len(shown)))
     return [folder] if written else []

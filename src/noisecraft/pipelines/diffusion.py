@@ -316,15 +316,17 @@ class DiffusionPipeline:
         return SampleResult(torch.cat(images), shown, self._decode_trajectory(trajectory))
 
     def _decode_trajectory(self, trajectory: list[dict]) -> list[dict]:
-        """In a latent run, add what the saved steps look like as images: "preview" (x_t on the VP scale,
-        decoded) and "denoised" (x̂0, decoded); the latents stay under "x_latent" and "denoised_latent"."""
-        if self.vae is None:
-            return trajectory
+        """Add what the saved steps look like as images: "preview", x_t on the data scale (the VP input
+        x/sqrt(1 + σ²), which a human reads as a noisy image). In a latent run the preview and "denoised" (x̂0)
+        are decoded, and the latents stay under "x_latent" and "denoised_latent"."""
         with torch.no_grad():
             for info in trajectory:
-                scale = (1.0 + float(info["sigma"]) ** 2) ** -0.5
+                preview = info["x"] * (1.0 + float(info["sigma"]) ** 2) ** -0.5
+                if self.vae is None:
+                    info["preview"] = preview
+                    continue
                 info["x_latent"], info["denoised_latent"] = info["x"], info["denoised"]
-                info["preview"] = self.decode((info["x"] * scale).to(self.device)).cpu()
+                info["preview"] = self.decode(preview.to(self.device)).cpu()
                 info["denoised"] = self.decode(info["denoised"].to(self.device)).cpu()
         return trajectory
 

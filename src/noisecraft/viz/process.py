@@ -12,10 +12,7 @@ def trajectory_frames(trajectory, limit=16):
     frames, denoised, captions = [], [], []
     total = trajectory[-1]["i"] + 1 if trajectory else 0
     for info in trajectory:
-        scale = (1.0 + info["sigma"] ** 2) ** -0.5
-        # latent runs: the pipeline has already decoded x_t (on the VP scale) into a "preview" image
-        shown = info["preview"] if "preview" in info else info["x"] * scale
-        frames.append(shown[:limit].clamp(-1, 1))
+        frames.append(info["preview"][:limit].clamp(-1, 1))   # x_t as an image: see DiffusionPipeline
         denoised.append(info["denoised"][:limit].clamp(-1, 1))
         captions.append(f"step {info['i'] + 1}/{total}  sigma={info['sigma']:.2f}")
     return frames, denoised, captions
