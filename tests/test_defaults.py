@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 from test_guidance import write_run
+from tiny_runs import train_tiny_vae_and_clip
 from tiny_sd import save_tiny_pipeline
 
 from noisecraft.cli import main
@@ -35,10 +36,7 @@ PROMPT = "a handwritten digit seven"
 def models(tmp_path_factory):
     """kind -> (model path, which defaults it has, channels, a non-square input size its VAE factor divides)."""
     root = tmp_path_factory.mktemp("defaults")
-    assert main(["train-vae", "--dataset", "digits", "--out", str(root / "vae"), "--steps", "2",
-                 "--channels", "8,16", "--norm-groups", "4", "--batch-size", "16"]) == 0
-    assert main(["train-clip", "--dataset", "digits", "--out", str(root / "clip"), "--steps", "2", "--width", "32",
-                 "--layers", "1", "--heads", "2", "--max-length", "12", "--embed-dim", "16", "--batch-size", "16"]) == 0
+    train_tiny_vae_and_clip(root, steps=2, batch_size=16)
     common = ["--dataset", "digits", "--steps", "2", "--base-channels", "8", "--batch-size", "8", "--sample-every",
               "0", "--checkpoint-every", "0"]
     assert main(["train", *common, "--latent", str(root / "vae"), "--out", str(root / "latent")]) == 0

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from tiny_runs import train_tiny_vae_and_clip
 
 from noisecraft.cli import main
 from noisecraft.components import attach_components
@@ -24,11 +25,7 @@ SEVEN, ONE = "a handwritten digit seven", "a handwritten digit one"
 def runs(tmp_path_factory):
     """A tiny VAE, CLIP text encoder and latent text-to-image U-Net on the bundled 16×16 digits."""
     root = tmp_path_factory.mktemp("ldm")
-    assert main(["train-vae", "--dataset", "digits", "--out", str(root / "vae"), "--steps", "3",
-                 "--channels", "8,16", "--norm-groups", "4", "--batch-size", "32"]) == 0
-    assert main(["train-clip", "--dataset", "digits", "--out", str(root / "clip"), "--steps", "3", "--width", "32",
-                 "--layers", "1", "--heads", "2", "--max-length", "12", "--embed-dim", "16",
-                 "--batch-size", "32"]) == 0
+    train_tiny_vae_and_clip(root)
     assert main(["train", "--dataset", "digits", "--latent", str(root / "vae"), "--text-encoder", str(root / "clip"),
                  "--out", str(root / "ldm"), "--steps", "4", "--base-channels", "16", "--batch-size", "16",
                  "--sample-every", "4", "--checkpoint-every", "0"]) == 0
