@@ -24,7 +24,7 @@ from torch import nn
 
 from noisecraft.denoiser import Denoiser, DenoiserWrapper
 from noisecraft.errors import NoisecraftError
-from noisecraft.likelihood_ode import bits_per_dim, dequantize, ode_bits_per_dim, ode_log_likelihood
+from noisecraft.likelihood_ode import bits_per_dim_from_log_likelihood, dequantize, ode_bits_per_dim, ode_log_likelihood
 from noisecraft.models.unet import UNet, UNetConfig
 from noisecraft.schedule import NoiseSchedule
 
@@ -114,9 +114,10 @@ def test_generator_makes_it_reproducible():
 def test_bits_per_dim_of_uniform_density_is_8():
     dims = 3 * 4 * 4
     uniform_y = torch.full((2,), -dims * math.log(2.0))                 # U[-1, 1)^D: density 2^-D
-    assert torch.allclose(bits_per_dim(uniform_y, dims), torch.full((2,), 8.0, dtype=F64))
+    assert torch.allclose(bits_per_dim_from_log_likelihood(uniform_y, dims), torch.full((2,), 8.0, dtype=F64))
     # One nat per dimension better than uniform is 1/ln 2 bits less.
-    assert torch.allclose(bits_per_dim(uniform_y + dims, dims), torch.full((2,), 8 - 1 / math.log(2), dtype=F64))
+    assert torch.allclose(bits_per_dim_from_log_likelihood(uniform_y + dims, dims),
+                          torch.full((2,), 8 - 1 / math.log(2), dtype=F64))
 
 
 def test_dequantize_stays_in_the_bin_of_its_level():
@@ -143,7 +144,7 @@ def test_ode_bits_per_dim_units_on_gaussian_data():
     out = ode_bits_per_dim(den, images, batch_size=8, generator=torch.Generator().manual_seed(5),
                            progress=done.append, noise="exact")
     y = dequantize(images, torch.Generator().manual_seed(5)).double()
-    expected = bits_per_dim(dist.log_prob(y), 8)
+    expected = bits_per_dim_from_log_likelihood(dist.log_prob(y), 8)
     assert (out["bpd"] - expected).abs().max() < 0.02 / math.log(2)
     assert done == [5] and out["nfe"] > 10
     assert out["stderr"] > 0 and out["ci95"][0] < out["mean"] < out["ci95"][1]
@@ -211,7 +212,7 @@ def test_user_errors():
     with pytest.raises(NoisecraftError):
         dequantize(torch.zeros(8, dtype=torch.uint8)[0])                # a scalar
     with pytest.raises(NoisecraftError):
-        bits_per_dim(torch.zeros(2), 0)
+        bits_per_dim_from_log_likelihood(torch.zeros(2), 0)
     images = np.zeros((2, 1, 4, 4), dtype=np.uint8)
     for kwargs in (dict(batch_size=0), dict(repeats=0), dict(cond=torch.zeros(3, dtype=torch.long))):
         with pytest.raises(NoisecraftError):

@@ -4,7 +4,7 @@ Our samplers live on the σ scale (x_ve = x0 + σ ε) and take the denoiser's x�
 DDPM scale (x_vp = sqrt(ᾱ) x0 + sqrt(1 - ᾱ) ε) and takes the raw model output. Each comparison
 therefore
   1. converts the sample in:  x_ve = x_vp / sqrt(ᾱ_t) = x_vp · sqrt(1 + σ_t²),
-  2. turns the model output (ε, v or x0) into x̂0 with the schedule's conversions,
+  2. turns the model output (ε, v or x0) into x̂0 by the papers' formulas on the VP scale,
   3. converts the result out: x_vp = x_ve · sqrt(ᾱ_s), with ᾱ_s = 1 after the last step (σ = 0).
 
 Noise: DDIM's step takes `variance_noise`, so both sides get the same tensor. DDPMScheduler.step only
@@ -52,11 +52,14 @@ PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}  # diffuse
 
 
 def x0_from_output(x_vp, output, t, prediction):
-    ts = torch.tensor([t])
+    """x0 from x_vp = sqrt(ᾱ)x0 + sqrt(1 - ᾱ)ε and ε (DDPM eq. 14), or x0 = sqrt(ᾱ)x_vp - sqrt(1 - ᾱ)v (Salimans &
+    Ho 2022), with the schedule's float64 square roots cast to the data's dtype."""
+    sqrt_a = SCHEDULE.sqrt_alphas_cumprod[t].to(x_vp.dtype)
+    sqrt_1ma = SCHEDULE.sqrt_one_minus_alphas_cumprod[t].to(x_vp.dtype)
     if prediction == "epsilon":
-        return SCHEDULE.x0_from_eps(x_vp, output, ts)
+        return (x_vp - sqrt_1ma * output) / sqrt_a
     if prediction == "v_prediction":
-        return SCHEDULE.x0_from_v(x_vp, output, ts)
+        return sqrt_a * x_vp - sqrt_1ma * output
     return output
 
 

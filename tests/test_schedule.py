@@ -12,8 +12,9 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+from noisecraft.denoiser import PARAMETERISATIONS
 from noisecraft.errors import NoisecraftError
-from noisecraft.losses import diffusion_loss, min_snr_weight
+from noisecraft.losses import min_snr_weight, training_loss
 from noisecraft.schedule import NoiseSchedule, alpha_bar_from_sigma
 
 T = 1000
@@ -232,32 +233,39 @@ def test_t_to_sigma_inverts_sigma_to_t(kind):
 @settings(max_examples=40, deadline=None)
 @given(kind=st.sampled_from(KINDS), t=st.integers(0, T - 1), seed=st.integers(0, 2**31 - 1))
 def test_prediction_conversions_round_trip(kind, t, seed):
+    """Each row of the scalings table (denoiser.py) turns its own target back into x0 at x_t."""
     s = SCHEDULES[kind]
     g = torch.Generator().manual_seed(seed)
     x0 = torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64)
     eps = torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64)
     ts = torch.full((3,), t)
+    sigma = s.sigmas[ts]
     xt = s.q_sample(x0, ts, eps)
 
-    torch.testing.assert_close(s.x0_from_eps(xt, eps, ts), x0, rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(s.eps_from_x0(xt, x0, ts), eps, rtol=1e-9, atol=1e-9)
-    v = s.v_from(x0, eps, ts)
-    torch.testing.assert_close(s.x0_from_v(xt, v, ts), x0, rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(s.eps_from_v(xt, v, ts), eps, rtol=1e-9, atol=1e-9)
+    for row in PARAMETERISATIONS.values():
+        torch.testing.assert_close(row.denoise_input(xt, row.target(x0, eps, sigma), sigma), x0, rtol=1e-9,
+                                   atol=1e-9)
+    assert torch.equal(PARAMETERISATIONS["eps"].target(x0, eps, sigma), eps)
+    assert torch.equal(PARAMETERISATIONS["x0"].target(x0, eps, sigma), x0)
+    v = PARAMETERISATIONS["v"].target(x0, eps, sigma)
     # v is the rotation of (x0, ε) by the angle φ with (cos φ, sin φ) = (sqrt ᾱ, sqrt(1 - ᾱ)).
     torch.testing.assert_close(v.pow(2) + xt.pow(2), x0.pow(2) + eps.pow(2), rtol=1e-9, atol=1e-9)
 
 
 def test_conversions_on_arbitrary_points():
-    """x0_from_eps / eps_from_x0 are inverses for any (x_t, guess), not only for consistent triples."""
+    """On any (x, guess), not only on consistent triples, x̂0 from the σ-scale x equals x̂0 from the network's
+    input c_in·x, and the ε- and v-rows agree when the guesses are the same rotation of (x0, ε)."""
     s = SCHEDULES["scaled_linear"]
     ts = torch.tensor([0, 10, 500, 999])
-    xt = torch.randn(4, 3, 2, 2, dtype=torch.float64)
+    sigma = s.sigmas[ts]
+    x = torch.randn(4, 3, 2, 2, dtype=torch.float64) * (1 + sigma.reshape(-1, 1, 1, 1))
     guess = torch.randn(4, 3, 2, 2, dtype=torch.float64)
-    torch.testing.assert_close(s.eps_from_x0(xt, s.x0_from_eps(xt, guess, ts), ts), guess)
-    torch.testing.assert_close(s.x0_from_eps(xt, s.eps_from_x0(xt, guess, ts), ts), guess)
-    torch.testing.assert_close(s.eps_from_v(xt, guess, ts),
-                               s.eps_from_x0(xt, s.x0_from_v(xt, guess, ts), ts))
+    c_in = (1 + sigma.reshape(-1, 1, 1, 1) ** 2).rsqrt()
+    for row in PARAMETERISATIONS.values():
+        torch.testing.assert_close(row.denoise_input(x * c_in, guess, sigma), row.denoise(x, guess, sigma))
+    x0_hat = PARAMETERISATIONS["eps"].denoise(x, guess, sigma)          # guess is ε̂; its v̂ gives the same x̂0
+    v_hat = PARAMETERISATIONS["v"].target(x0_hat, guess, sigma)
+    torch.testing.assert_close(PARAMETERISATIONS["v"].denoise(x, v_hat, sigma), x0_hat)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -266,22 +274,26 @@ def test_float32_conversions_keep_float32_accuracy(kind):
     t = 0 where 1 - ᾱ_0 = β_0 is tiny (forming it after casting ᾱ to float32 loses ~1e-4 relative)."""
     s = SCHEDULES[kind]
     ts = torch.arange(T)
+    sigma = s.sigmas[ts]
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(T, 4, generator=g, dtype=torch.float64)
     eps = torch.randn(T, 4, generator=g, dtype=torch.float64)
     xt = s.q_sample(x0, ts, eps)
-    v = s.v_from(x0, eps, ts)
-    # Each result is compared with float64 run on the same float32-rounded inputs. Dividing by sqrt(ᾱ)
-    # or sqrt(1 - ᾱ) amplifies the inputs' own rounding by that factor; the tolerance allows for it.
-    amplify = {s.eps_from_x0: 1 / s.sqrt_one_minus_alphas_cumprod, s.x0_from_eps: 1 / s.sqrt_alphas_cumprod}
-    for f, args in [(s.q_sample, (x0, ts, eps)), (s.eps_from_x0, (xt, x0, ts)), (s.x0_from_eps, (xt, eps, ts)),
-                    (s.v_from, (x0, eps, ts)), (s.x0_from_v, (xt, v, ts)), (s.eps_from_v, (xt, v, ts))]:
-        args32 = [a.float() if a.is_floating_point() else a for a in args]
+    eps_row, v_row = PARAMETERISATIONS["eps"], PARAMETERISATIONS["v"]
+    v = v_row.target(x0, eps, sigma)
+    # Each result is compared with float64 run on the same float32-rounded inputs. x̂0 from ε̂ multiplies x_t by
+    # 1/sqrt(ᾱ), which amplifies the inputs' own rounding by that factor; the tolerance allows for it.
+    amplify = {"x0_from_eps": 1 / s.sqrt_alphas_cumprod}
+    for name, f, args in [("q_sample", s.q_sample, (x0, ts, eps)), ("eps_target", eps_row.target, (x0, eps, sigma)),
+                          ("x0_from_eps", eps_row.denoise_input, (xt, eps, sigma)),
+                          ("v_target", v_row.target, (x0, eps, sigma)),
+                          ("x0_from_v", v_row.denoise_input, (xt, v, sigma))]:
+        args32 = [a.float() if a.is_floating_point() and a is not sigma else a for a in args]
         want = f(*[a.double() if a.is_floating_point() else a for a in args32])
         got = f(*args32)
         assert got.dtype == torch.float32
-        scale = amplify.get(f, torch.ones(T, dtype=torch.float64))[:, None]
-        torch.testing.assert_close(got.double() / scale, want / scale, rtol=0, atol=5e-7, msg=f.__name__)
+        scale = amplify.get(name, torch.ones(T, dtype=torch.float64))[:, None]
+        torch.testing.assert_close(got.double() / scale, want / scale, rtol=0, atol=5e-7, msg=name)
 
 
 # --- Min-SNR weights ------------------------------------------------------------------------
@@ -308,17 +320,20 @@ def test_min_snr_weights_equal_their_formulas(kind, gamma):
 
 
 def test_loss_scales_behind_min_snr():
-    """The identities the Min-SNR weights rely on, checked with the schedule's own conversions."""
+    """The identities the Min-SNR weights rely on, checked with the scalings table: the output F̂ that gives
+    x̂0 at x = x0 + σε is that row's target for (x̂0, ε̂) with ε̂ = (x - x̂0)/σ."""
     s = SCHEDULES["linear"]
     ts = torch.tensor([3, 200, 700])
+    sigma = s.sigmas[ts]
     x0, eps = torch.randn(3, 8, dtype=torch.float64), torch.randn(3, 8, dtype=torch.float64)
-    xt = s.q_sample(x0, ts, eps)
     x0_hat = x0 + 0.1 * torch.randn(3, 8, dtype=torch.float64)
+    eps_hat = (x0 + sigma[:, None] * eps - x0_hat) / sigma[:, None]
     snr = s.log_snr[ts].exp()
     err_x0 = (x0 - x0_hat).pow(2).sum(1)
-    err_eps = (eps - s.eps_from_x0(xt, x0_hat, ts)).pow(2).sum(1)
-    v_hat = s.v_from(x0_hat, s.eps_from_x0(xt, x0_hat, ts), ts)
-    err_v = (s.v_from(x0, eps, ts) - v_hat).pow(2).sum(1)
+    err = {name: (row.target(x0, eps, sigma) - row.target(x0_hat, eps_hat, sigma)).pow(2).sum(1)
+           for name, row in PARAMETERISATIONS.items()}
+    err_eps, err_v = err["eps"], err["v"]
+    torch.testing.assert_close(err["x0"], err_x0)
     torch.testing.assert_close(err_eps, snr * err_x0)
     torch.testing.assert_close(err_v, (snr + 1) * err_x0)
 
@@ -330,6 +345,6 @@ def test_diffusion_loss_applies_min_snr_weight(prediction):
     net = lambda x, t, cond: 0.5 * x  # noqa: E731  (any deterministic stand-in network)
     x0, noise = torch.randn(4, 1, 4, 4), torch.randn(4, 1, 4, 4)
     t = torch.tensor([0, 100, 500, 999])
-    plain = diffusion_loss(net, s, x0, t, noise, prediction=prediction)
-    weighted = diffusion_loss(net, s, x0, t, noise, prediction=prediction, min_snr_gamma=5.0)
+    plain = training_loss(net, s, x0, t, noise, prediction=prediction)
+    weighted = training_loss(net, s, x0, t, noise, prediction=prediction, min_snr_gamma=5.0)
     torch.testing.assert_close(weighted, plain * min_snr_weight(s, t, 5.0, prediction).float())

@@ -1,4 +1,5 @@
-"""One interface for every sampler: a denoiser D(x, σ, cond) -> x̂0.
+"""One interface for every sampler: a denoiser D(x, σ, cond) -> x̂0, and the one table of scalings that turns a
+network's output into x̂0 (for sampling), its training target (for the loss) and x̂0 at x_t (for the bound).
 
 This is the view of Karras et al. 2022 ("Elucidating the Design Space of Diffusion-Based Generative
 Models", EDM) and k-diffusion: samplers work on x = x0 + σ·ε (the "variance exploding" scale), and a
@@ -6,11 +7,25 @@ denoiser answers the best guess of the clean image x0 at noise level σ. A netwo
 time on the DDPM ("variance preserving") process x_t = sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) ε is wrapped by
 scaling its input with c_in = sqrt(ᾱ) = 1/sqrt(1 + σ²) and mapping σ back to its timestep t.
 
-Prediction types (what the network outputs) and how x̂0 follows from it:
+The scalings table (EDM Table 1 and eq. 7-8; k-diffusion's `Denoiser.get_scalings` and `loss`): the network F
+sees c_in(σ)·x and its timestep t(σ), and
 
-    eps:  x̂0 = x - σ·ε̂                                (ε-prediction, DDPM)
-    x0:   x̂0 = network output
-    v:    x̂0 = sqrt(ᾱ)·x_t - sqrt(1 - ᾱ)·v̂            (v-prediction, Salimans & Ho 2022)
+    D(x, σ) = c_skip(σ)·x + c_out(σ)·F(c_in(σ)·x, t(σ)),      trained towards F* = (x0 - c_skip·x) / c_out,
+
+so that F = F* gives D = x0. One row (`Parameterisation`) per prediction type:
+
+    prediction  c_skip       c_out             c_in             target F*
+    eps         1            -σ                1/sqrt(1 + σ²)   ε                           (DDPM eq. 14)
+    x0          0            1                 1/sqrt(1 + σ²)   x0
+    v           1/(1 + σ²)   -σ/sqrt(1 + σ²)   1/sqrt(1 + σ²)   sqrt(ᾱ)·ε - sqrt(1 - ᾱ)·x0  (Salimans & Ho 2022)
+
+eps is Ho et al. 2020 (DDPM), eq. 14: x̂0 = x - σ·ε̂, i.e. x_t = sqrt(ᾱ)x0 + sqrt(1 - ᾱ)ε solved for x0 on the σ
+scale; v is Salimans & Ho 2022 ("Progressive Distillation", §4), x̂0 = sqrt(ᾱ)·x_t - sqrt(1 - ᾱ)·v̂. With
+c_in = 1/sqrt(1 + σ²) the network's input c_in·x is the DDPM x_t, and ᾱ = 1/(1 + σ²). The same row serves
+sampling (`Denoiser.forward`), the training loss (losses.py: the target, and the Min-SNR weight through c_out²)
+and the variational bound (likelihood.py: x̂0 from the output at x_t). EDM's preconditioning is one more row:
+c_skip = σ_d²/(σ² + σ_d²), c_out = σ·σ_d/sqrt(σ² + σ_d²), c_in = 1/sqrt(σ² + σ_d²) (with its own noise input
+c_noise = ¼·ln σ in place of the schedule's timestep).
 
 Learned variance (improved DDPM, Nichol & Dhariwal 2021, §3.1): a network with 2C output channels for C input
 channels predicts as usual in its first C channels and, in the other C, a value v per pixel that sets the
@@ -21,19 +36,91 @@ every sampler works unchanged, and keeps v of its latest call for the samplers t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 from torch import nn
 
 from .errors import NoisecraftError
-from .schedule import NoiseSchedule, alpha_bar_from_sigma
+from .schedule import NoiseSchedule, alpha_bar_from_sigma, per_sample
 
-PREDICTION_TYPES = ("eps", "x0", "v")
+# The reverse-step variances of DDPM's p_θ(x_{t-1} | x_t) (Ho et al. 2020, §3.2; improved DDPM eq. 15).
+VARIANCES = {
+    "small": "β̃_t, the variance of the posterior q(x_{t-1} | x_t, x0) (DDPM eq. 7)",
+    "large": "β_t, the variance of the forward step (DDPM eq. 2)",
+    "learned": "between log β_t and log β̃_t, set by the network (improved DDPM eq. 15; --learn-sigma)",
+}
+
+
+# --- the scalings table ------------------------------------------------------------------------------
+
+
+def vp_c_in(sigma: torch.Tensor) -> torch.Tensor:
+    """c_in = sqrt(ᾱ) = 1/sqrt(1 + σ²): the σ scale's x to the DDPM (VP) scale, x_t = c_in·x."""
+    return alpha_bar_from_sigma(sigma).sqrt()
+
+
+@dataclass(frozen=True)
+class Parameterisation:
+    """One row of the scalings table (see the module docstring): c_skip, c_out and c_in as functions of σ (a
+    float64 tensor of shape N). Coefficients are formed in float64 and cast to the data's dtype at use."""
+
+    name: str
+    c_skip: Callable[[torch.Tensor], torch.Tensor]
+    c_out: Callable[[torch.Tensor], torch.Tensor]
+    c_in: Callable[[torch.Tensor], torch.Tensor] = vp_c_in
+
+    def scalings(self, sigma: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(c_skip, c_out, c_in) at σ (shape N), each N×1×…×1 in like's dtype."""
+        sigma = sigma.to(torch.float64)
+        return tuple(per_sample(c(sigma), like) for c in (self.c_skip, self.c_out, self.c_in))
+
+    def denoise(self, x: torch.Tensor, out: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """x̂0 = c_skip·x + c_out·out, for x on the σ scale and the network's output `out` at c_in·x (EDM eq. 7)."""
+        c_skip, c_out, _ = self.scalings(sigma, x)
+        return c_skip * x + c_out * out
+
+    def denoise_input(self, x_in: torch.Tensor, out: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """x̂0 = (c_skip/c_in)·x_in + c_out·out from the network's own input x_in = c_in·x (the DDPM x_t of the
+        loss and the bound)."""
+        sigma = sigma.to(torch.float64)
+        skip = per_sample(self.c_skip(sigma) / self.c_in(sigma), x_in)
+        return skip * x_in + per_sample(self.c_out(sigma), x_in) * out
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """The training target F* = (x0 - c_skip·x)/c_out for x = x0 + σ·ε (EDM eq. 8), written a·x0 + b·ε with
+        a = (1 - c_skip)/c_out and b = -c_skip·σ/c_out formed in float64: exactly ε for eps and x0 for x0; v for v."""
+        sigma = sigma.to(torch.float64)
+        c_skip, c_out = self.c_skip(sigma), self.c_out(sigma)
+        return per_sample((1 - c_skip) / c_out, x0) * x0 + per_sample(-c_skip * sigma / c_out, noise) * noise
+
+    def x0_error_scale(self, sigma: torch.Tensor) -> torch.Tensor:
+        """c_out(σ)² (float64, shape N): ||x̂0 - x0||² = c_out²·||F - F*||², the x0-scale weight of the F-loss."""
+        return self.c_out(sigma.to(torch.float64)) ** 2
+
+
+PARAMETERISATIONS = {
+    "eps": Parameterisation("eps", c_skip=torch.ones_like, c_out=lambda sigma: -sigma),
+    "x0": Parameterisation("x0", c_skip=torch.zeros_like, c_out=torch.ones_like),
+    "v": Parameterisation("v", c_skip=alpha_bar_from_sigma,
+                          c_out=lambda sigma: -(1 - alpha_bar_from_sigma(sigma)).sqrt()),
+}
+PREDICTION_TYPES = tuple(PARAMETERISATIONS)
 
 
 def check_prediction_type(prediction: str) -> str:
     if prediction not in PREDICTION_TYPES:
         raise NoisecraftError(f"unknown prediction type {prediction!r}; choose one of {', '.join(PREDICTION_TYPES)}.")
     return prediction
+
+
+def parameterisation(prediction: str) -> Parameterisation:
+    """The row of the scalings table for a prediction type ("eps", "x0" or "v")."""
+    return PARAMETERISATIONS[check_prediction_type(prediction)]
+
+
+# --- learned variance ---------------------------------------------------------------------------------
 
 
 def learned_log_variance(v: torch.Tensor, log_beta, log_beta_tilde) -> torch.Tensor:
@@ -61,14 +148,23 @@ def split_learned_variance(out: torch.Tensor, channels: int) -> tuple[torch.Tens
     return out[:, :channels], out[:, channels:]
 
 
-def _as_batch(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
-    """σ as a float tensor of shape (N,), broadcastable over a batch."""
+# --- σ per sample -------------------------------------------------------------------------------------
+
+
+def batch_sigma(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
+    """σ (a number, or one per sample) as a float64 tensor of shape (N,) on x's device."""
     sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float64)
     return sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma
 
 
+def sigma_like(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
+    """σ per sample as an N×1×…×1 tensor of x's dtype, to scale a batch sample by sample."""
+    return per_sample(batch_sigma(sigma, x), x)
+
+
 class Denoiser(nn.Module):
-    """Wraps a network trained on a `NoiseSchedule` with a prediction type into D(x, σ, cond) -> x̂0.
+    """Wraps a network trained on a `NoiseSchedule` with a prediction type into D(x, σ, cond) -> x̂0, by the
+    prediction type's row of the scalings table (`parameterisation`), with t(σ) from `schedule.sigma_to_t`.
 
     clip_x0: clamp x̂0 to [-1, 1], the data range (DDPM's sampler does this; it helps pixel models at
     few steps). Off by default so that every sampler sees the raw model, as the parity tests need.
@@ -81,7 +177,8 @@ class Denoiser(nn.Module):
         super().__init__()
         self.net = net
         self.schedule = schedule
-        self.prediction = check_prediction_type(prediction)
+        self.parameterisation = parameterisation(prediction)
+        self.prediction = prediction
         self.clip_x0 = clip_x0
         self.learned_variance = has_learned_variance(net) if learned_variance is None else bool(learned_variance)
         self.last_variance: torch.Tensor | None = None
@@ -95,37 +192,14 @@ class Denoiser(nn.Module):
         return self.schedule.sigma_max
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, cond: torch.Tensor | None = None) -> torch.Tensor:
-        sigma = _as_batch(sigma, x)
-        alpha_bar = alpha_bar_from_sigma(sigma)
-        shape = (-1,) + (1,) * (x.ndim - 1)
-        c_in = alpha_bar.sqrt().to(x.dtype).reshape(shape)            # x_t = sqrt(ᾱ)·x in the VP scale
-        t = self.schedule.sigma_to_t(sigma)
-        out = self.net(x * c_in, t, cond)
+        sigma = batch_sigma(sigma, x)
+        c_skip, c_out, c_in = self.parameterisation.scalings(sigma, x)
+        out = self.net(x * c_in, self.schedule.sigma_to_t(sigma), cond)
         if self.learned_variance:
             out, v = split_learned_variance(out, x.shape[1])
             self.last_variance = v.detach()
-        if self.prediction == "eps":
-            x0 = x - sigma.to(x.dtype).reshape(shape) * out
-        elif self.prediction == "x0":
-            x0 = out
-        else:
-            x0 = c_in * (x * c_in) - (1 - alpha_bar).sqrt().to(x.dtype).reshape(shape) * out
+        x0 = c_skip * x + c_out * out
         return x0.clamp(-1, 1) if self.clip_x0 else x0
-
-    def eps(self, x: torch.Tensor, sigma, cond=None) -> torch.Tensor:
-        """ε̂ = (x - D(x, σ)) / σ."""
-        sigma_b = _as_batch(sigma, x).to(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
-        return (x - self(x, sigma, cond)) / sigma_b
-
-    def score(self, x: torch.Tensor, sigma, cond=None) -> torch.Tensor:
-        """∇_x log p_σ(x) = (D(x, σ) - x) / σ²  (Tweedie's formula, EDM eq. 3)."""
-        sigma_b = _as_batch(sigma, x).to(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
-        return (self(x, sigma, cond) - x) / sigma_b**2
-
-
-def _sigma_like(sigma, x: torch.Tensor) -> torch.Tensor:
-    """σ per sample, shaped to broadcast over x."""
-    return _as_batch(sigma, x).to(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
 
 
 def base_denoiser(denoiser: nn.Module) -> nn.Module:
@@ -170,13 +244,3 @@ class DenoiserWrapper(nn.Module):
     @property
     def sigma_max(self):
         return self.inner.sigma_max
-
-    def eps(self, x, sigma, cond=None):
-        """ε̂ = (x - D(x, σ)) / σ of the wrapped (guided) denoiser."""
-        return (x - self(x, sigma, cond)) / _sigma_like(sigma, x)
-
-    def score(self, x, sigma, cond=None):
-        """(D(x, σ) - x) / σ² of the wrapped (guided) denoiser."""
-        return (self(x, sigma, cond) - x) / _sigma_like(sigma, x) ** 2
-
-

@@ -33,13 +33,13 @@ from .denoiser import (
     Denoiser,
     check_prediction_type,
     learned_log_variance,
+    parameterisation,
     split_learned_variance,
 )
 from .errors import NoisecraftError
-from .schedule import NoiseSchedule
+from .schedule import NoiseSchedule, at
 
 LN2 = math.log(2.0)
-VARIANCES = ("small", "large")
 BIN_HALF_WIDTH = 1.0 / 255.0   # half of the 2/255 spacing of the 256 levels in [-1, 1]
 
 
@@ -93,12 +93,6 @@ def discretized_gaussian_log_likelihood(x, mean, log_scale) -> torch.Tensor:
 # --- p_θ(x_{t-1} | x_t) -------------------------------------------------------------------------------
 
 
-def _at(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """values[t] per batch item, cast to like's dtype and device and shaped to broadcast over it."""
-    out = values.to(like.device)[t.to(like.device).long()].to(like.dtype)
-    return out.reshape(-1, *([1] * (like.ndim - 1)))
-
-
 def _timesteps(t, x: torch.Tensor, T: int) -> torch.Tensor:
     t = torch.as_tensor(t, device=x.device)
     t = t.expand(x.shape[0]) if t.ndim == 0 else t
@@ -139,24 +133,22 @@ def posterior_from_output(schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.T
                           clip_x0: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(mean, log_variance, x0_hat) of p_θ(x_{t-1} | x_t) from the network's output `out` at (x_t, t).
 
-    The mean is the posterior mean μ̃_t(x_t, x̂0) (DDPM eq. 7, 11); the variance is fixed (`variance`) or
-    learned: log Σ = frac·log β_t + (1 - frac)·log β̃_t (improved DDPM eq. 15), with the clipped log β̃."""
+    x̂0 comes from the prediction type's row of the scalings table (denoiser.py) at σ_t, with x_t = c_in·x the
+    network's input; the mean is the posterior mean μ̃_t(x_t, x̂0) (DDPM eq. 7, 11); the variance is fixed
+    (`variance`) or learned: log Σ = frac·log β_t + (1 - frac)·log β̃_t (improved DDPM eq. 15), with the
+    clipped log β̃."""
     if learned_variance:
         out, v = split_learned_variance(out, x_t.shape[1])
-    if prediction == "eps":
-        x0_hat = schedule.x0_from_eps(x_t, out, t)
-    elif prediction == "v":
-        x0_hat = schedule.x0_from_v(x_t, out, t)
-    else:
-        x0_hat = out
+    sigma = schedule.sigmas.to(x_t.device)[t.to(x_t.device).long()]
+    x0_hat = parameterisation(prediction).denoise_input(x_t, out, sigma)
     if clip_x0:
         x0_hat = x0_hat.clamp(-1, 1)
     mean, _ = schedule.posterior(x0_hat, x_t, t)
     if learned_variance:
-        log_var = learned_log_variance(v, _at(schedule.betas.log(), t, x_t),
-                                       _at(posterior_log_variance_clipped(schedule), t, x_t))
+        log_var = learned_log_variance(v, at(schedule.betas.log(), t, x_t),
+                                       at(posterior_log_variance_clipped(schedule), t, x_t))
     else:
-        log_var = _at(fixed_log_variance(schedule, variance), t, x_t).expand_as(mean)
+        log_var = at(fixed_log_variance(schedule, variance), t, x_t).expand_as(mean)
     return mean, log_var, x0_hat
 
 
@@ -177,7 +169,7 @@ def model_posterior(denoiser_or_net, schedule: NoiseSchedule, x_t: torch.Tensor,
 # --- the terms of the bound ---------------------------------------------------------------------------
 
 
-def _bits_per_dim(nats: torch.Tensor) -> torch.Tensor:
+def _nats_to_bits_per_dim(nats: torch.Tensor) -> torch.Tensor:
     """Per-element nats -> bits/dim per image: the mean over C·H·W divided by ln 2."""
     return nats.flatten(1).mean(1) / LN2
 
@@ -191,12 +183,12 @@ def vlb_terms_from_output(schedule: NoiseSchedule, x0: torch.Tensor, x_t: torch.
     mean, log_var, _ = posterior_from_output(schedule, x_t, t, out, prediction=prediction,
                                              learned_variance=learned_variance, variance=variance, clip_x0=clip_x0)
     true_mean, _ = schedule.posterior(x0, x_t, t)
-    true_log_var = _at(posterior_log_variance_clipped(schedule), t, x_t)
-    kl = _bits_per_dim(normal_kl(true_mean, true_log_var, mean, log_var))
+    true_log_var = at(posterior_log_variance_clipped(schedule), t, x_t)
+    kl = _nats_to_bits_per_dim(normal_kl(true_mean, true_log_var, mean, log_var))
     if continuous_decoder:
-        decoder = -_bits_per_dim(gaussian_log_density(x0, mean, log_var))
+        decoder = -_nats_to_bits_per_dim(gaussian_log_density(x0, mean, log_var))
     else:
-        decoder = -_bits_per_dim(discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var))
+        decoder = -_nats_to_bits_per_dim(discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var))
     return torch.where(t.to(kl.device) == 0, decoder, kl)
 
 
@@ -216,9 +208,9 @@ def vlb_terms(net, schedule: NoiseSchedule, x0: torch.Tensor, t, noise: torch.Te
 def prior_bpd(schedule: NoiseSchedule, x0: torch.Tensor) -> torch.Tensor:
     """L_T = KL(q(x_T | x0) || N(0, I)) in bits/dim per image: q(x_T|x0) = N(sqrt(ᾱ_{T-1}) x0, (1 - ᾱ_{T-1}) I)."""
     last = torch.full((x0.shape[0],), schedule.T - 1, dtype=torch.long)
-    mean = _at(schedule.sqrt_alphas_cumprod, last, x0) * x0
-    log_var = _at((1 - schedule.alphas_cumprod).log(), last, x0)
-    return _bits_per_dim(normal_kl(mean, log_var, torch.zeros_like(mean), torch.zeros_like(mean)))
+    mean = at(schedule.sqrt_alphas_cumprod, last, x0) * x0
+    log_var = at((1 - schedule.alphas_cumprod).log(), last, x0)
+    return _nats_to_bits_per_dim(normal_kl(mean, log_var, torch.zeros_like(mean), torch.zeros_like(mean)))
 
 
 # --- the whole bound on a set of images ---------------------------------------------------------------
@@ -238,7 +230,7 @@ def _device_of(net, fallback: torch.device) -> torch.device:
 
 
 @torch.no_grad()
-def bits_per_dim(net, schedule: NoiseSchedule, x0: torch.Tensor, *, cond=None, prediction="eps",
+def vlb_bits_per_dim(net, schedule: NoiseSchedule, x0: torch.Tensor, *, cond=None, prediction="eps",
                  learned_variance=False, variance="small", timesteps: str | int = "all",
                  generator: torch.Generator | None = None, batch_size: int = 256,
                  progress: Callable[[int], None] | None = None, continuous_decoder: bool = False,

@@ -92,7 +92,7 @@ def dequantize(images, generator: torch.Generator | None = None) -> torch.Tensor
     return y.float().clamp(max=1 - 2.0**-23)
 
 
-def bits_per_dim(logp_y: torch.Tensor, num_dims: int) -> torch.Tensor:
+def bits_per_dim_from_log_likelihood(logp_y: torch.Tensor, num_dims: int) -> torch.Tensor:
     """bits/dim = −log p(x + u) / (D·ln 2) with log p(x + u) = log p(y) + D·log(2/256) for y = 2(x + u)/256 − 1.
 
     logp_y is the continuous log-density of y in nats (per image); the Jacobian term moves it to the 8-bit scale
@@ -290,7 +290,7 @@ def ode_bits_per_dim(denoiser, images_uint8, *, cond=None, batch_size: int = 64,
             y = dequantize(images[start:stop], generator)
             batch_cond = cond[start:stop] if cond is not None else None
             out = ode_log_likelihood(denoiser, y, cond=batch_cond, generator=generator, **ode_options)
-            total[start:stop] += bits_per_dim(out["logp"].cpu(), dims)
+            total[start:stop] += bits_per_dim_from_log_likelihood(out["logp"].cpu(), dims)
             nfes.append(out["nfe"])
             if progress is not None:
                 progress(stop - start)

@@ -1,12 +1,13 @@
 """Training losses for diffusion models.
 
 L_simple (Ho et al. 2020, eq. 14): E_{t, x0, ε} || ε - ε_θ(sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) ε, t) ||²,
-with t uniform over 0..T-1 — DDPM Algorithm 1. For x0- or v-prediction the target is x0 or
-v = sqrt(ᾱ) ε - sqrt(1-ᾱ) x0 instead.
+with t uniform over 0..T-1 — DDPM Algorithm 1. For other prediction types the target is that of the prediction
+type's row of the scalings table (denoiser.py, `Parameterisation.target`): x0, or v = sqrt(ᾱ) ε - sqrt(1-ᾱ) x0.
 
 Min-SNR-γ weighting (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy",
 eq. 8-10): weighting every t by min(SNR_t, γ) on the x0 scale stops the easy low-noise steps from
-dominating. Expressed for each prediction type's own loss:
+dominating. Since ||x̂0 - x0||² = c_out²·||F - F*||², on each prediction type's own loss that is
+min(SNR, γ)·c_out²:
 
     eps: min(SNR, γ) / SNR        x0: min(SNR, γ)        v: min(SNR, γ) / (SNR + 1)
 
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from .denoiser import check_prediction_type, split_learned_variance
+from .denoiser import check_prediction_type, parameterisation, split_learned_variance
 from .errors import NoisecraftError
 from .likelihood import vlb_terms_from_output
 from .schedule import NoiseSchedule
@@ -33,32 +34,21 @@ from .schedule import NoiseSchedule
 LOSSES = ("simple", "hybrid", "vlb")
 
 
-def prediction_target(schedule: NoiseSchedule, x0, noise, t, prediction: str) -> torch.Tensor:
-    if prediction == "eps":
-        return noise
-    if prediction == "x0":
-        return x0
-    return schedule.v_from(x0, noise, t)
+def _sigma_at(schedule: NoiseSchedule, t: torch.Tensor) -> torch.Tensor:
+    return schedule.sigmas.to(t.device)[t.long()]
 
 
 def min_snr_weight(schedule: NoiseSchedule, t: torch.Tensor, gamma: float, prediction: str) -> torch.Tensor:
+    """min(SNR_t, γ)·c_out(σ_t)²: Min-SNR-γ on the x0 scale, as a weight of the prediction type's own loss."""
     snr = schedule.log_snr.to(t.device)[t].exp()
-    clipped = snr.clamp(max=gamma)
-    if prediction == "eps":
-        return clipped / snr
-    if prediction == "x0":
-        return clipped
-    return clipped / (snr + 1)
+    return snr.clamp(max=gamma) * parameterisation(prediction).x0_error_scale(_sigma_at(schedule, t))
 
 
-def diffusion_loss(net, schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
-                   cond: torch.Tensor | None = None, prediction: str = "eps",
-                   min_snr_gamma: float | None = None) -> torch.Tensor:
-    """Per-example loss (shape N): mean squared error of the network's prediction, optionally Min-SNR weighted."""
-    check_prediction_type(prediction)
-    xt = schedule.q_sample(x0, t, noise)
-    out = net(xt, t.float(), cond)
-    target = prediction_target(schedule, x0, noise, t, prediction)
+def simple_loss(out: torch.Tensor, schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+                prediction: str = "eps", min_snr_gamma: float | None = None) -> torch.Tensor:
+    """L_simple per example (shape N): the mean squared error of the network's output `out` at
+    x_t = q_sample(x0, t, noise) against its prediction type's target, Min-SNR weighted if asked."""
+    target = parameterisation(prediction).target(x0, noise, _sigma_at(schedule, t))
     per_example = (out - target).pow(2).flatten(1).mean(1)
     if min_snr_gamma:
         per_example = per_example * min_snr_weight(schedule, t, min_snr_gamma, prediction).to(per_example.dtype)
@@ -71,27 +61,23 @@ def training_loss(net, schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tenso
                   continuous_decoder: bool = False) -> torch.Tensor:
     """Per-example training loss (shape N) of one network call: "simple" (L_simple, Min-SNR weighted if asked),
     "hybrid" (L_simple + λ·T·L_t with the mean frozen inside L_t) or "vlb" (L_t). learn_sigma: the network
-    outputs 2C channels, the last C its variance. continuous_decoder: L_0 as a Gaussian density (latents), not
-    over 256 pixel levels."""
+    outputs 2C channels, the last C its variance (which L_simple alone leaves untrained). continuous_decoder: L_0
+    as a Gaussian density (latents), not over 256 pixel levels."""
     check_prediction_type(prediction)
     if loss not in LOSSES:
         raise NoisecraftError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}.")
-    if not learn_sigma and loss == "simple":
-        return diffusion_loss(net, schedule, x0, t, noise, cond, prediction, min_snr_gamma)
+    if loss == "hybrid" and not learn_sigma:
+        raise NoisecraftError("the hybrid loss trains a learned variance, so it needs learn_sigma; use 'simple'.")
     xt = schedule.q_sample(x0, t, noise)
     out = net(xt, t.float(), cond)
-    pred, v = split_learned_variance(out, x0.shape[1]) if learn_sigma else (out, None)
     if loss == "vlb":
         return vlb_terms_from_output(schedule, x0, xt, t, out, prediction=prediction, learned_variance=learn_sigma,
                                      continuous_decoder=continuous_decoder)
-    target = prediction_target(schedule, x0, noise, t, prediction)
-    simple = (pred - target).pow(2).flatten(1).mean(1)
-    if min_snr_gamma:
-        simple = simple * min_snr_weight(schedule, t, min_snr_gamma, prediction).to(simple.dtype)
-    if loss == "simple":     # learn_sigma with L_simple alone: the variance channels get no gradient
+    pred, v = split_learned_variance(out, x0.shape[1]) if learn_sigma else (out, None)
+    simple = simple_loss(pred, schedule, x0, t, noise, prediction, min_snr_gamma)
+    if loss == "simple":
         return simple
     # eq. 16: the mean is fixed (stop-gradient) inside L_vlb, so only the variance learns from it
-    frozen = torch.cat([pred.detach(), v], dim=1) if learn_sigma else pred.detach()
-    vlb = vlb_terms_from_output(schedule, x0, xt, t, frozen, prediction=prediction, learned_variance=learn_sigma,
-                                continuous_decoder=continuous_decoder)
+    vlb = vlb_terms_from_output(schedule, x0, xt, t, torch.cat([pred.detach(), v], dim=1), prediction=prediction,
+                                learned_variance=True, continuous_decoder=continuous_decoder)
     return simple + vlb_weight * schedule.T * vlb

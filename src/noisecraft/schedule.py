@@ -7,7 +7,8 @@ derived from ᾱ_t:
     σ_t      = sqrt((1 - ᾱ_t) / ᾱ_t)        noise level in the "variance exploding" view (k-diffusion, EDM)
     log-SNR  = log(ᾱ_t / (1 - ᾱ_t)) = -2 log σ_t
 
-Timesteps are 0-based: t = 0 is the first noising step, t = T-1 the last.
+Timesteps are 0-based: t = 0 is the first noising step, t = T-1 the last. How a network's output (ε, x0 or v)
+becomes x̂0, and its training target, is the scalings table of denoiser.py, not this module.
 """
 
 from __future__ import annotations
@@ -45,10 +46,15 @@ def cosine_betas(T: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Ten
     return torch.tensor(betas, dtype=torch.float64)
 
 
-def _broadcast(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Pick values[t] for each batch item and shape it to broadcast against `like` (N, C, H, W)."""
-    out = values.to(like.device)[t.to(like.device).long()].to(like.dtype)
-    return out.reshape(-1, *([1] * (like.ndim - 1)))
+def per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """One value per batch item (shape N), cast to like's dtype and device and shaped N×1×…×1 to broadcast over
+    `like` (N×C×H×W). Coefficients are computed in float64 and cast here, at use."""
+    return values.to(device=like.device, dtype=like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def at(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """values[t] for each batch item, shaped by `per_sample` to broadcast over `like`."""
+    return per_sample(values.to(like.device)[t.to(like.device).long()], like)
 
 
 @dataclass
@@ -64,7 +70,8 @@ class NoiseSchedule:
     def __post_init__(self):
         betas = torch.as_tensor(self.betas, dtype=torch.float64)
         if betas.ndim != 1 or len(betas) < 2 or not bool(((betas > 0) & (betas < 1)).all()):
-            raise NoisecraftError("betas must be a 1-D sequence of at least 2 values in (0, 1); check the schedule settings.")
+            raise NoisecraftError("betas must be a 1-D sequence of at least 2 values in (0, 1); "
+                                  "check the schedule settings.")
         self.betas = betas
         self.alphas = 1.0 - betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
@@ -110,12 +117,12 @@ class NoiseSchedule:
 
     def q_step(self, x_prev: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """One forward step q(x_t | x_{t-1}) = N(sqrt(1 - β_t) x_{t-1}, β_t I)  (DDPM eq. 2)."""
-        beta = _broadcast(self.betas, t, x_prev)
+        beta = at(self.betas, t, x_prev)
         return (1 - beta).sqrt() * x_prev + beta.sqrt() * noise
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Closed form q(x_t | x_0) = N(sqrt(ᾱ_t) x_0, (1 - ᾱ_t) I)  (DDPM eq. 4)."""
-        return self._sqrt_a(t, x0) * x0 + self._sqrt_1ma(t, x0) * noise
+        return at(self.sqrt_alphas_cumprod, t, x0) * x0 + at(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
 
     # --- posterior ------------------------------------------------------------------------
 
@@ -125,33 +132,9 @@ class NoiseSchedule:
         μ̃_t = sqrt(ᾱ_{t-1}) β_t / (1 - ᾱ_t) · x_0 + sqrt(α_t) (1 - ᾱ_{t-1}) / (1 - ᾱ_t) · x_t
         β̃_t = (1 - ᾱ_{t-1}) / (1 - ᾱ_t) · β_t
         """
-        mean = _broadcast(self.posterior_mean_coef_x0, t, x0) * x0 + _broadcast(self.posterior_mean_coef_xt, t, xt) * xt
-        var = _broadcast(self.posterior_variance, t, x0).expand_as(mean)
+        mean = at(self.posterior_mean_coef_x0, t, x0) * x0 + at(self.posterior_mean_coef_xt, t, xt) * xt
+        var = at(self.posterior_variance, t, x0).expand_as(mean)
         return mean, var
-
-    # --- prediction-type conversions (all in the VP view: x_t = sqrt(ᾱ) x0 + sqrt(1-ᾱ) ε) ---
-
-    def _sqrt_a(self, t, like):
-        return _broadcast(self.sqrt_alphas_cumprod, t, like)
-
-    def _sqrt_1ma(self, t, like):
-        return _broadcast(self.sqrt_one_minus_alphas_cumprod, t, like)
-
-    def eps_from_x0(self, xt, x0, t):
-        return (xt - self._sqrt_a(t, xt) * x0) / self._sqrt_1ma(t, xt)
-
-    def x0_from_eps(self, xt, eps, t):
-        return (xt - self._sqrt_1ma(t, xt) * eps) / self._sqrt_a(t, xt)
-
-    def v_from(self, x0, eps, t):
-        """Velocity v = sqrt(ᾱ) ε - sqrt(1-ᾱ) x0 (Salimans & Ho 2022, "Progressive Distillation", §4)."""
-        return self._sqrt_a(t, x0) * eps - self._sqrt_1ma(t, x0) * x0
-
-    def x0_from_v(self, xt, v, t):
-        return self._sqrt_a(t, xt) * xt - self._sqrt_1ma(t, xt) * v
-
-    def eps_from_v(self, xt, v, t):
-        return self._sqrt_1ma(t, xt) * xt + self._sqrt_a(t, xt) * v
 
     # --- σ <-> t ------------------------------------------------------------------------
 

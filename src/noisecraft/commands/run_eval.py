@@ -80,12 +80,12 @@ def cmd_eval(args) -> int:
         cond = labels if config.model.num_classes else None
         x0 = images.float() / 127.5 - 1
     if args.nll:
-        from ..likelihood import bits_per_dim
+        from ..likelihood import vlb_bits_per_dim
         t0 = time.perf_counter()
         steps = "all" if args.nll_steps == 0 else args.nll_steps
         with torch.no_grad():
-            out = bits_per_dim(pipe.denoiser, pipe.schedule, x0, cond=cond, timesteps=steps, generator=generator,
-                               batch_size=args.batch_size)
+            out = vlb_bits_per_dim(pipe.denoiser, pipe.schedule, x0, cond=cond, timesteps=steps, generator=generator,
+                                   batch_size=args.batch_size)
         terms = out["terms"].double()
         report["nll_bound"] = {**_summary(out["total"]), "estimator": out["estimator"],
                                "calls_per_image": out.get("timesteps"), "prior_bpd": float(out["prior"].mean()),
@@ -210,7 +210,8 @@ def add_parsers(sub) -> None:
                    help="timesteps per image for the bound's unbiased estimate (0: all T, the exact bound)")
     e.add_argument("--ode", action="store_true", help="exact bits/dim through the probability-flow ODE")
     e.add_argument("--rtol", type=finite_float(positive=True), default=1e-4, help="ODE solver tolerance")
-    e.add_argument("--sigma-min", type=finite_float(positive=True), default=None, help="ODE: start of the integration (default σ at t=0)")
+    e.add_argument("--sigma-min", type=finite_float(positive=True), default=None,
+                   help="ODE: start of the integration (default σ at t=0)")
     e.add_argument("--fid", action="store_true", help="sample quality: domain FID/KID, precision/recall, classifier")
     e.add_argument("--inception", default=None, help="with --fid: local FID Inception weights (pytorch-fid's .pth)")
     e.add_argument("--n", type=positive_int, default=1000, help="test images for --nll / --ode")

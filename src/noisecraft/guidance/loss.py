@@ -5,7 +5,8 @@ sampler (they only ever call D) and with any model behind D, pixel or latent. Wr
 
     D = ClassifierFreeGuidance(base, 3.0, null)          # guidance/classifier_free.py
     D = LossGuidance(D, brightness, scale=0.1)            # this module: push towards low loss
-    D = InpaintingDenoiser(D, known, mask)                # guidance/inpainting.py: outermost, so the known region stays exact
+    D = InpaintingDenoiser(D, known, mask)                # guidance/inpainting.py: outermost, so the known
+                                                          # region stays exact
 
 On the σ scale (x = x0 + σ·ε) the score and the denoiser are tied by Tweedie's formula,
 ∇_x log p_σ(x) = (D(x, σ) - x) / σ², so a change of the score by Δ is a change of x̂0 by σ²·Δ.
@@ -18,14 +19,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..denoiser import DenoiserWrapper, _as_batch
+from ..denoiser import DenoiserWrapper, sigma_like
 from ..errors import NoisecraftError
-
-
-def _per_sample(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
-    """σ as an N×1×…×1 tensor of x's dtype, to scale a batch sample by sample."""
-    return _as_batch(sigma, x).to(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
-
 
 # --------------------------------------------------------------------------------------------------
 # loss guidance
@@ -93,7 +88,7 @@ class LossGuidance(DenoiserWrapper):
     def forward(self, x, sigma, cond=None):
         apply = self.scale != 0 and self.calls % self.every == 0
         self.calls += 1
-        sigma_b = _per_sample(sigma, x)
+        sigma_b = sigma_like(sigma, x)
         if not apply or bool((sigma_b > self.max_sigma).all()):
             return self.inner(x, sigma, cond)
         with torch.enable_grad():

@@ -25,7 +25,7 @@ from .euler import sample_euler, sample_euler_ancestral
 from .heun import sample_heun
 from .langevin import sample_langevin, sample_pc
 from .lms import sample_lms
-from .noise import SeededNoise, randn_like
+from .noise import SeededNoise, prior_noise
 from .plms import sample_plms
 from .steps import SPACINGS, discrete_sigmas, karras_sigmas
 
@@ -86,12 +86,6 @@ def check_options(name: str, fn: Callable, options: dict) -> None:
         raise NoisecraftError(f"sampler {name!r} takes no option {', '.join(map(repr, unknown))}; {takes}.")
 
 
-def prior_noise(shape, sigma_max: float, generator=None, device="cpu") -> torch.Tensor:
-    """x_T ~ N(0, I) in the DDPM scale, i.e. sqrt(1 + σ_max²)·z on the σ scale."""
-    z = randn_like(torch.empty(shape, device=device), generator)
-    return z * (1.0 + sigma_max**2) ** 0.5
-
-
 @torch.no_grad()
 def generate(denoiser, shape: tuple[int, ...], *, sampler: str = "ddim", steps: int = 50, spacing: str = "leading",
              karras: bool = False, cond: torch.Tensor | None = None, seed: int = 0, callback=None, device="cpu",
@@ -116,7 +110,7 @@ def generate(denoiser, shape: tuple[int, ...], *, sampler: str = "ddim", steps: 
     else:
         if tuple(noise.shape) != tuple(shape):
             raise NoisecraftError(f"the starting noise must have shape {tuple(shape)}, got {tuple(noise.shape)}.")
-        x = noise.to(device=device, dtype=torch.float32) * (1.0 + float(sigmas[0]) ** 2) ** 0.5
+        x = prior_noise(shape, float(sigmas[0]), z=noise.to(device=device, dtype=torch.float32))
     return fn(denoiser, x, sigmas, cond=cond, generator=seeded, callback=callback, **options)
 
 

@@ -12,7 +12,7 @@ import torch
 from ..errors import NoisecraftError
 from ..guidance.inpainting import InpaintingDenoiser
 from . import SAMPLERS, check_options, generate, resolve_sampler
-from .noise import SeededNoise
+from .noise import SeededNoise, prior_noise
 from .steps import discrete_sigmas, karras_sigmas
 
 
@@ -84,7 +84,7 @@ def interpolate(denoiser, shape: tuple[int, ...], seed_a: int, seed_b: int, n: i
     from `lerp` for a path between two classes), or None."""
     fn, sigmas = sampling_plan(denoiser, sampler, steps, spacing, karras, options)
     z = slerp_noise(tuple(shape), seed_a, seed_b, n).to(device)
-    x = z * (1.0 + float(sigmas[0]) ** 2) ** 0.5              # the prior x_T ~ N(0, I), as in prior_noise
+    x = prior_noise(z.shape, float(sigmas[0]), z=z)
     noise = SeededNoise([seed_a] * n, device=device)
     return fn(denoiser, x, sigmas, cond=cond, generator=noise, callback=callback, **options)
 

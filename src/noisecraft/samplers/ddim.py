@@ -14,6 +14,7 @@ import torch
 
 from ..errors import NoisecraftError
 from .noise import randn_like
+from .steps import report, sigma_steps
 
 
 def ddim_step(x: torch.Tensor, x0: torch.Tensor, sigma: float, sigma_next: float, noise: torch.Tensor | None,
@@ -34,11 +35,9 @@ def sample_ddim(denoiser, x, sigmas, *, cond=None, generator=None, callback=None
     """DDIM sampler; eta in [0, 1] (0: deterministic)."""
     if not 0.0 <= eta <= 1.0:
         raise NoisecraftError(f"DDIM eta must be in [0, 1], got {eta}.")
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+    for i, sigma, sigma_next in sigma_steps(sigmas):
         x0 = denoiser(x, sigma, cond)
-        if callback is not None:
-            callback({"i": i, "x": x, "sigma": sigma, "sigma_next": sigma_next, "denoised": x0})
+        report(callback, i, x, sigma, sigma_next, x0)
         noise = randn_like(x, generator) if eta > 0 and sigma_next > 0 else None
         x = ddim_step(x, x0, sigma, sigma_next, noise, eta)
     return x

@@ -21,11 +21,10 @@ import math
 
 import torch
 
-from ..denoiser import base_denoiser, denoise_with_variance, learned_log_variance
+from ..denoiser import VARIANCES, base_denoiser, denoise_with_variance, learned_log_variance
 from ..errors import NoisecraftError
 from .noise import randn_like
-
-VARIANCES = ("small", "large", "learned")
+from .steps import report, sigma_steps
 
 
 def ddpm_step(x: torch.Tensor, x0: torch.Tensor, sigma: float, sigma_next: float, noise: torch.Tensor | None,
@@ -63,14 +62,12 @@ def sample_ddpm(denoiser, x, sigmas, *, cond=None, generator=None, callback=None
     if variance == "learned" and not learned:
         raise NoisecraftError("DDPM variance 'learned' needs a model trained with --learn-sigma; use 'small' or "
                               "'large' for this one.")
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+    for i, sigma, sigma_next in sigma_steps(sigmas):
         if variance == "learned":
             x0, v = denoise_with_variance(denoiser, x, sigma, cond)
         else:
             x0, v = denoiser(x, sigma, cond), None
-        if callback is not None:
-            callback({"i": i, "x": x, "sigma": sigma, "sigma_next": sigma_next, "denoised": x0})
+        report(callback, i, x, sigma, sigma_next, x0)
         noise = randn_like(x, generator) if sigma_next > 0 else None
         x = ddpm_step(x, x0, sigma, sigma_next, noise, variance, v)
     return x

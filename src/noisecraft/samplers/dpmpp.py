@@ -33,17 +33,16 @@ import torch
 
 from ..errors import NoisecraftError
 from .noise import randn_like
+from .steps import report, sigma_steps
 
 
 @torch.no_grad()
 def sample_dpmpp_2m(denoiser, x, sigmas, *, cond=None, generator=None, callback=None):
     """DPM-Solver++(2M): second-order multistep in λ = -log σ, data prediction; deterministic."""
     old_denoised, h_last = None, None
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+    for i, sigma, sigma_next in sigma_steps(sigmas):
         denoised = denoiser(x, sigma, cond)
-        if callback is not None:
-            callback({"i": i, "x": x, "sigma": sigma, "sigma_next": sigma_next, "denoised": denoised})
+        report(callback, i, x, sigma, sigma_next, denoised)
         if sigma_next == 0:                              # λ_next = ∞: the first-order update is x̂0 itself
             x = denoised
             continue
@@ -65,11 +64,9 @@ def sample_dpmpp_2m_sde(denoiser, x, sigmas, *, cond=None, generator=None, callb
     if eta < 0:
         raise NoisecraftError(f"DPM++ 2M SDE eta must be >= 0, got {eta}.")
     old_denoised, h_last = None, None
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+    for i, sigma, sigma_next in sigma_steps(sigmas):
         denoised = denoiser(x, sigma, cond)
-        if callback is not None:
-            callback({"i": i, "x": x, "sigma": sigma, "sigma_next": sigma_next, "denoised": denoised})
+        report(callback, i, x, sigma, sigma_next, denoised)
         if sigma_next == 0:
             x = denoised
             continue

@@ -26,6 +26,7 @@ import torch
 
 from ..errors import NoisecraftError
 from .noise import randn_like
+from .steps import report, sigma_steps
 
 
 def to_d(x: torch.Tensor, denoised: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -60,6 +61,27 @@ def check_churn(s_churn: float, s_noise: float) -> None:
         raise NoisecraftError(f"s_churn and s_noise must be >= 0, got {s_churn} and {s_noise}.")
 
 
+def edm_sampler(denoiser, x, sigmas, *, cond, generator, callback, s_churn: float, s_tmin: float, s_tmax: float,
+                s_noise: float, heun: bool) -> torch.Tensor:
+    """EDM Algorithm 2 line by line: churn (lines 4-6), the Euler step of dx/dσ (lines 7-8) and, with heun=True
+    and σ_next > 0, the trapezoidal correction with the slope at σ_next (lines 9-11)."""
+    check_churn(s_churn, s_noise)
+    steps = len(sigmas) - 1
+    for i, sigma, sigma_next in sigma_steps(sigmas):
+        x, sigma_hat = churn(x, sigma, steps, generator, s_churn, s_tmin, s_tmax, s_noise)
+        denoised = denoiser(x, sigma_hat, cond)
+        report(callback, i, x, sigma_hat, sigma_next, denoised)
+        d = to_d(x, denoised, sigma_hat)
+        dt = sigma_next - sigma_hat
+        x_euler = x + dt * d
+        if heun and sigma_next != 0:
+            d_next = to_d(x_euler, denoiser(x_euler, sigma_next, cond), sigma_next)
+            x = x + dt * (d + d_next) / 2
+        else:
+            x = x_euler
+    return x
+
+
 @torch.no_grad()
 def sample_euler(denoiser, x, sigmas, *, cond=None, generator=None, callback=None, s_churn: float = 0.0,
                  s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0):
@@ -67,16 +89,8 @@ def sample_euler(denoiser, x, sigmas, *, cond=None, generator=None, callback=Non
 
     s_churn > 0 adds EDM's churn noise (see the module docstring); s_churn = 0 is deterministic.
     """
-    check_churn(s_churn, s_noise)
-    steps = len(sigmas) - 1
-    for i in range(steps):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        x, sigma_hat = churn(x, sigma, steps, generator, s_churn, s_tmin, s_tmax, s_noise)
-        denoised = denoiser(x, sigma_hat, cond)
-        if callback is not None:
-            callback({"i": i, "x": x, "sigma": sigma_hat, "sigma_next": sigma_next, "denoised": denoised})
-        x = x + (sigma_next - sigma_hat) * to_d(x, denoised, sigma_hat)
-    return x
+    return edm_sampler(denoiser, x, sigmas, cond=cond, generator=generator, callback=callback, s_churn=s_churn,
+                       s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise, heun=False)
 
 
 @torch.no_grad()
@@ -85,11 +99,9 @@ def sample_euler_ancestral(denoiser, x, sigmas, *, cond=None, generator=None, ca
     """"Euler a": an Euler step down to σ_down, then fresh noise of standard deviation σ_up (η = 0: Euler)."""
     if not 0.0 <= eta <= 1.0:
         raise NoisecraftError(f"Euler ancestral eta must be in [0, 1], got {eta}.")
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+    for i, sigma, sigma_next in sigma_steps(sigmas):
         denoised = denoiser(x, sigma, cond)
-        if callback is not None:
-            callback({"i": i, "x": x, "sigma": sigma, "sigma_next": sigma_next, "denoised": denoised})
+        report(callback, i, x, sigma, sigma_next, denoised)
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
         x = x + (sigma_down - sigma) * to_d(x, denoised, sigma)
         if sigma_up > 0:

@@ -16,27 +16,12 @@ from __future__ import annotations
 
 import torch
 
-from .euler import check_churn, churn, to_d
+from .euler import edm_sampler
 
 
 @torch.no_grad()
 def sample_heun(denoiser, x, sigmas, *, cond=None, generator=None, callback=None, s_churn: float = 0.0,
                 s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0):
     """EDM's Heun sampler (Algorithm 2)."""
-    check_churn(s_churn, s_noise)
-    steps = len(sigmas) - 1
-    for i in range(steps):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        x, sigma_hat = churn(x, sigma, steps, generator, s_churn, s_tmin, s_tmax, s_noise)
-        denoised = denoiser(x, sigma_hat, cond)
-        if callback is not None:
-            callback({"i": i, "x": x, "sigma": sigma_hat, "sigma_next": sigma_next, "denoised": denoised})
-        d = to_d(x, denoised, sigma_hat)
-        dt = sigma_next - sigma_hat
-        x_euler = x + dt * d
-        if sigma_next == 0:
-            x = x_euler
-        else:
-            d_next = to_d(x_euler, denoiser(x_euler, sigma_next, cond), sigma_next)
-            x = x + dt * (d + d_next) / 2
-    return x
+    return edm_sampler(denoiser, x, sigmas, cond=cond, generator=generator, callback=callback, s_churn=s_churn,
+                       s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise, heun=True)

@@ -54,7 +54,9 @@ import math
 import torch
 
 from ..errors import NoisecraftError
+from ..schedule import per_sample
 from .noise import randn_like
+from .steps import report, sigma_steps
 
 # ε/σ_L² of annealed Langevin dynamics when step_lr is not given: α_i = σ_i² (see the module docstring).
 DEFAULT_STEP_RATIO = 1.0
@@ -68,7 +70,7 @@ def score_and_denoised(denoiser, x: torch.Tensor, sigma: float, cond=None) -> tu
 
 def _per_sample_norm(t: torch.Tensor) -> torch.Tensor:
     """||t_n|| for each sample n, shaped to broadcast over the sample."""
-    return t.reshape(t.shape[0], -1).norm(dim=1).reshape((-1,) + (1,) * (t.ndim - 1))
+    return per_sample(t.reshape(t.shape[0], -1).norm(dim=1), t)
 
 
 @torch.no_grad()
@@ -98,8 +100,8 @@ def sample_langevin(denoiser, x, sigmas, *, cond=None, generator=None, callback=
         alpha = eps * sigma**2 / sigma_last**2
         for t in range(n_steps_each):
             score, denoised = score_and_denoised(denoiser, x, sigma, cond)
-            if t == 0 and callback is not None:
-                callback({"i": i, "x": x, "sigma": sigma, "sigma_next": float(sigmas[i + 1]), "denoised": denoised})
+            if t == 0:
+                report(callback, i, x, sigma, float(sigmas[i + 1]), denoised)
             x = x + (alpha / 2) * score + math.sqrt(alpha) * randn_like(x, generator)
     if final_denoise:
         x = denoiser(x, sigma_last, cond)
@@ -120,11 +122,9 @@ def sample_pc(denoiser, x, sigmas, *, cond=None, generator=None, callback=None, 
         raise NoisecraftError(f"pc snr must be > 0, got {snr}.")
     if not isinstance(corrector_steps, int) or corrector_steps < 0:
         raise NoisecraftError(f"pc corrector_steps must be an integer >= 0, got {corrector_steps!r}.")
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+    for i, sigma, sigma_next in sigma_steps(sigmas):
         score, denoised = score_and_denoised(denoiser, x, sigma, cond)
-        if callback is not None:
-            callback({"i": i, "x": x, "sigma": sigma, "sigma_next": sigma_next, "denoised": denoised})
+        report(callback, i, x, sigma, sigma_next, denoised)
         if sigma_next == 0:                       # x + σ²·s(x, σ) = D(x, σ): the noise-free last step
             x = denoised
             continue

@@ -20,6 +20,7 @@ import torch
 
 from ..errors import NoisecraftError
 from .euler import to_d
+from .steps import report, sigma_steps
 
 
 def lms_coefficients(sigmas: list[float], i: int, order: int) -> list[float]:
@@ -46,11 +47,9 @@ def sample_lms(denoiser, x, sigmas, *, cond=None, generator=None, callback=None,
         raise NoisecraftError(f"LMS order must be 1, 2, 3 or 4, got {order!r}.")
     sigma_list = [float(s) for s in sigmas]
     slopes: list[torch.Tensor] = []                       # d_i, d_{i-1}, ... newest first
-    for i in range(len(sigma_list) - 1):
-        sigma, sigma_next = sigma_list[i], sigma_list[i + 1]
+    for i, sigma, sigma_next in sigma_steps(sigma_list):
         denoised = denoiser(x, sigma, cond)
-        if callback is not None:
-            callback({"i": i, "x": x, "sigma": sigma, "sigma_next": sigma_next, "denoised": denoised})
+        report(callback, i, x, sigma, sigma_next, denoised)
         slopes = [to_d(x, denoised, sigma)] + slopes[:order - 1]
         coefficients = lms_coefficients(sigma_list, i, len(slopes))
         x = x + sum(c * d for c, d in zip(coefficients, slopes))

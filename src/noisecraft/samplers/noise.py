@@ -35,3 +35,11 @@ def randn_like(x: torch.Tensor, generator=None) -> torch.Tensor:
     if generator is None:
         return torch.randn_like(x)
     return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=generator.device).to(x.device)
+
+
+def prior_noise(shape, sigma_max: float, generator=None, device="cpu", z: torch.Tensor | None = None) -> torch.Tensor:
+    """x_T ~ N(0, I) on the DDPM (VP) scale, i.e. sqrt(1 + σ_max²)·z on the σ scale (x = x_T / c_in). z: the
+    standard normal draw (shape `shape`) to use, else one drawn from `generator` (see `randn_like`)."""
+    if z is None:
+        z = randn_like(torch.empty(shape, device=device), generator)
+    return z * (1.0 + sigma_max**2) ** 0.5

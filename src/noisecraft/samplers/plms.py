@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from .euler import to_d
+from .steps import report, sigma_steps
 
 # Adams–Bashforth coefficients, newest ε first, for 1..4 known ε's.
 ADAMS_BASHFORTH = {
@@ -41,11 +42,9 @@ ADAMS_BASHFORTH = {
 def sample_plms(denoiser, x, sigmas, *, cond=None, generator=None, callback=None):
     """PNDM's PLMS (Algorithm 2 of the paper without the Runge–Kutta start); deterministic."""
     history: list[torch.Tensor] = []                      # ε_i, ε_{i-1}, ... newest first
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+    for i, sigma, sigma_next in sigma_steps(sigmas):
         denoised = denoiser(x, sigma, cond)
-        if callback is not None:
-            callback({"i": i, "x": x, "sigma": sigma, "sigma_next": sigma_next, "denoised": denoised})
+        report(callback, i, x, sigma, sigma_next, denoised)
         eps = to_d(x, denoised, sigma)                   # ε̂ = (x - x̂0)/σ = dx/dσ
         dt = sigma_next - sigma
         if i == 0 and sigma_next > 0:                    # the warm-up Heun step

@@ -66,3 +66,15 @@ def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) 
     sigmas = (hi + ramp * (lo - hi)) ** rho
     sigmas[-1], sigmas[0] = sigma_min, sigma_max        # exact ends: x^(1/ρ)^ρ can miss by an ulp
     return torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])
+
+
+def sigma_steps(sigmas) -> list[tuple[int, float, float]]:
+    """(i, σ_i, σ_{i+1}) as floats for each of the len(sigmas) - 1 steps of a descending σ list."""
+    values = [float(s) for s in sigmas]
+    return [(i, values[i], values[i + 1]) for i in range(len(values) - 1)]
+
+
+def report(callback, i: int, x, sigma: float, sigma_next: float, denoised) -> None:
+    """Hand one step's state to a sampler's callback, if any: {"i", "x", "sigma", "sigma_next", "denoised"}."""
+    if callback is not None:
+        callback({"i": i, "x": x, "sigma": sigma, "sigma_next": sigma_next, "denoised": denoised})
