@@ -173,8 +173,8 @@ def test_builtin_guides():
 def test_match_reference_guide_moves_samples_towards_the_reference():
     den = GaussianDenoiser()
     ref = torch.linspace(-1, 1, 64).reshape(SHAPE)
-    plain = generate(den, (4, *SHAPE), steps=10, seed=0)
-    guided = generate(LossGuidance(den, match_reference(ref), 0.2), (4, *SHAPE), steps=10, seed=0)
+    plain = generate(den, (4, *SHAPE), sampler="ddim", steps=10, seed=0)
+    guided = generate(LossGuidance(den, match_reference(ref), 0.2), (4, *SHAPE), sampler="ddim", steps=10, seed=0)
     assert (guided - ref).pow(2).mean() < 0.5 * (plain - ref).pow(2).mean()
 
 
@@ -230,7 +230,7 @@ def test_strength_picks_the_last_steps():
 def test_img2img_small_strength_stays_close_and_large_moves_away():
     den = Denoiser(tiny_unet(), NoiseSchedule.create("cosine", 1000), clip_x0=True)
     images = torch.rand(3, 1, 16, 16, generator=torch.Generator().manual_seed(2)) * 2 - 1
-    dist = {s: float((img2img(den, images, s, steps=10, seed=0) - images).abs().mean()) for s in (0.1, 0.5, 1.0)}
+    dist = {s: float((img2img(den, images, s, sampler="ddim", steps=10, seed=0) - images).abs().mean()) for s in (0.1, 0.5, 1.0)}
     assert dist[0.1] < dist[0.5] < dist[1.0]
     assert dist[0.1] < 0.1
 
@@ -271,10 +271,10 @@ def test_slerp_endpoints_and_norms():
 
 def test_interpolation_ends_are_the_two_seeds_pictures():
     den = GaussianDenoiser()
-    path = interpolate(den, SHAPE, 3, 7, 5, steps=8)
+    path = interpolate(den, SHAPE, 3, 7, 5, sampler="ddim", steps=8)
     # float32: a batch of 5 vs 1 (vectorised loops vs their scalar tails), 8 steps, pixels ≤ ~1 → atol 1e-5
-    torch.testing.assert_close(path[0], generate(den, (1, *SHAPE), steps=8, seed=3)[0], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(path[-1], generate(den, (1, *SHAPE), steps=8, seed=7)[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(path[0], generate(den, (1, *SHAPE), sampler="ddim", steps=8, seed=3)[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(path[-1], generate(den, (1, *SHAPE), sampler="ddim", steps=8, seed=7)[0], rtol=1e-5, atol=1e-5)
     assert path.shape == (5, *SHAPE)
 
 

@@ -87,7 +87,7 @@ def check_options(name: str, fn: Callable, options: dict) -> None:
 
 
 @torch.no_grad()
-def generate(denoiser, shape: tuple[int, ...], *, sampler: str = "ddim", steps: int = 50, spacing: str = "leading",
+def generate(denoiser, shape: tuple[int, ...], *, sampler: str, steps: int, spacing: str = "leading",
              karras: bool = False, cond: torch.Tensor | None = None, seed: int = 0, callback=None, device="cpu",
              noise: torch.Tensor | None = None, **options) -> torch.Tensor:
     """Draw shape[0] samples. Sample i uses seed + i for all its noise, so a seed gives the same picture

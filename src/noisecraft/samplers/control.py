@@ -37,7 +37,7 @@ def strength_sigmas(sigmas: torch.Tensor, strength: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def img2img(denoiser, images: torch.Tensor, strength: float, *, sampler: str = "ddim", steps: int = 50,
+def img2img(denoiser, images: torch.Tensor, strength: float, *, sampler: str, steps: int,
             spacing: str = "leading", karras: bool = False, cond=None, seed: int = 0, callback=None, **options):
     """SDEdit (Meng et al. 2022, "SDEdit: Guided Image Synthesis and Editing with Stochastic Differential
     Equations", §3): noise the input to the level σ_s of step round(s·steps) from the end, x = x0 + σ_s·z
@@ -54,7 +54,7 @@ def img2img(denoiser, images: torch.Tensor, strength: float, *, sampler: str = "
 
 
 @torch.no_grad()
-def inpaint(denoiser, images: torch.Tensor, mask: torch.Tensor, *, sampler: str = "ddim", steps: int = 50,
+def inpaint(denoiser, images: torch.Tensor, mask: torch.Tensor, *, sampler: str, steps: int,
             spacing: str = "leading", karras: bool = False, cond=None, seed: int = 0, callback=None, **options):
     """Fill the region where mask = 1 and keep the images where mask = 0, with any sampler (see
     `InpaintingDenoiser`). Image i uses seed + i, as in `generate`."""
@@ -72,8 +72,8 @@ def slerp_noise(shape: tuple[int, ...], seed_a: int, seed_b: int, n: int) -> tor
 
 
 @torch.no_grad()
-def interpolate(denoiser, shape: tuple[int, ...], seed_a: int, seed_b: int, n: int, *, sampler: str = "ddim",
-                steps: int = 50, spacing: str = "leading", karras: bool = False, cond=None, callback=None,
+def interpolate(denoiser, shape: tuple[int, ...], seed_a: int, seed_b: int, n: int, *, sampler: str,
+                steps: int, spacing: str = "leading", karras: bool = False, cond=None, callback=None,
                 device="cpu", **options):
     """n images along the slerp between the starting noise of two seeds (shape: one image, C×H×W).
 
