@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..config import RunConfig, load_run_config
-from ..denoiser import Denoiser
+from ..denoiser import Denoiser, vp_c_in
 from ..errors import NoisecraftError
 from ..guidance.classifier_free import ClassifierFreeGuidance
 from ..guidance.loss import LossGuidance
@@ -288,7 +288,8 @@ class DiffusionPipeline:
         return denoiser
 
     def _run(self, n: int, draw, *, label=None, negative_label=None, prompt=None, negative_prompt=None,
-             save_every: int = 0, batch_size: int = 250, progress=None, base=None, **guides) -> SampleResult:
+             save_every: int = 0, batch_size: int = 250, progress=None, base=None, on_step=None,
+             **guides) -> SampleResult:
         """Draw n images in batches: draw(denoiser, start, count, cond, callback) -> images of one batch.
         Keeps x_t and x̂0 every save_every steps of the first batch; progress(k) counts finished images."""
         if n < 1:
@@ -302,12 +303,14 @@ class DiffusionPipeline:
         for start in range(0, n, batch_size):
             count = min(batch_size, n - start)
 
-            def keep(info, first=start == 0, count=count):
+            def keep(info, first=start == 0, count=count, start=start):
                 last = info["sigma_next"] == 0
                 if first and save_every and (info["i"] % save_every == 0 or last):
                     trajectory.append({k: (v.cpu() if torch.is_tensor(v) else v) for k, v in info.items()})
                 if progress is not None:
                     progress(count if last else 0)
+                if on_step is not None:
+                    on_step({**info, "start": start})
 
             denoiser = self._make_denoiser(False, negative_label=negative_label, base=base, **guides)
             cond = None if labels is None else labels[start:start + count]
@@ -321,7 +324,7 @@ class DiffusionPipeline:
         are decoded, and the latents stay under "x_latent" and "denoised_latent"."""
         with torch.no_grad():
             for info in trajectory:
-                preview = info["x"] * (1.0 + float(info["sigma"]) ** 2) ** -0.5
+                preview = info["x"] * float(vp_c_in(torch.tensor(float(info["sigma"]))))
                 if self.vae is None:
                     info["preview"] = preview
                     continue
@@ -362,7 +365,7 @@ class DiffusionPipeline:
                guide_every: int = 1, guide_mode: str = "x0", guide_max_sigma: float = float("inf"),
                save_every: int = 0, batch_size: int = 250, spacing: str | None = None, progress=None,
                height: int | None = None, width: int | None = None, noise: torch.Tensor | None = None,
-               **options) -> SampleResult:
+               on_step=None, **options) -> SampleResult:
         """Draw n images. sampler, steps, guidance and spacing left at None take the model's defaults
         (`self.defaults`: pipelines/defaults.py).
 
@@ -375,7 +378,10 @@ class DiffusionPipeline:
         every k steps (first batch only). Sample i uses seed + i, whatever batch_size.
         Text-conditional models take `prompt` (one, or one per image, or embeddings from `embed` / `mix_prompts`)
         and `negative_prompt` instead of labels. height/width: the image size (multiples of the VAE factor; default
-        the training size). noise: the starting latents N×C×h×w ~ N(0, I) instead of seeded ones."""
+        the training size). noise: the starting latents N×C×h×w ~ N(0, I) instead of seeded ones.
+        on_step(info): called after every sampler step with the sampler's info ("i", "sigma", "sigma_next", "x",
+        "denoised"; latents in a latent run) and "start" (the batch's first image), e.g. for a live preview; an
+        exception raised there stops sampling at once (the UI's Cancel)."""
         if self.inpainting_model:
             raise NoisecraftError("this is an inpainting model (its U-Net also reads a mask and the masked image); "
                                   "use inpaint with an image and a mask.")
@@ -394,7 +400,7 @@ class DiffusionPipeline:
                          negative_prompt=negative_prompt, save_every=save_every,
                          batch_size=batch_size, progress=progress, guidance=guidance, guide=guide,
                          guide_scale=guide_scale, guide_every=guide_every, guide_mode=guide_mode,
-                         guide_max_sigma=guide_max_sigma)
+                         guide_max_sigma=guide_max_sigma, on_step=on_step)
 
     @torch.no_grad()
     def img2img(self, images, strength: float = 0.6, *, n: int | None = None, sampler: str | None = None,
@@ -486,7 +492,7 @@ class DiffusionPipeline:
         return settings["sampler"], settings["steps"], settings["spacing"], {**kwargs, "guidance": settings["guidance"]}
 
     _RUN_KEYS = ("label", "negative_label", "prompt", "negative_prompt", "save_every", "batch_size", "progress",
-                 "guidance", "guide", "guide_scale", "guide_every", "guide_mode", "guide_max_sigma")
+                 "guidance", "guide", "guide_scale", "guide_every", "guide_mode", "guide_max_sigma", "on_step")
 
     def _split(self, kwargs: dict) -> tuple[dict, dict]:
         """(arguments for _run, sampler options) out of the keyword arguments of img2img / inpaint."""
