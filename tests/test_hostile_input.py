@@ -513,7 +513,7 @@ def exercise_run_config(config: RunConfig) -> None:
     assert RunConfig.from_dict(json.loads(json.dumps(config.to_dict()))).to_dict() == config.to_dict()
     config.diffusion.make_schedule()
     c, h, w = config.model_shape
-    if config.model.estimated_parameters() > 400_000 or h * w > 48 * 48:
+    if config.model.parameter_count() > 400_000 or h * w > 48 * 48:
         return
     model = UNet(config.model)
     x = torch.zeros(2, config.model.in_channels, h, w)
@@ -574,7 +574,7 @@ def test_absurd_model_sizes_fail_before_allocating(valid_config, field, value):
     try:
         config = outcome(RunConfig.from_dict, doc)
         if config is not None:
-            config = outcome(UNet, config.model) if config.model.estimated_parameters() < 10 ** 7 else config
+            config = outcome(UNet, config.model) if config.model.parameter_count() < 10 ** 7 else config
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

@@ -128,13 +128,25 @@ def test_clip_constants(tok):
     assert (ids[0, 12:] == 49407).all()
 
 
+def test_test_vector_and_attention_mask(tok):
+    """transformers' CLIPTokenizer on openai/clip-vit-large-patch14 gives these ids for this prompt."""
+    batch = tok.batch_encode("a dog wearing hat")
+    assert batch["input_ids"][0, :6].tolist() == [49406, 320, 1929, 3309, 3801, 49407]
+    assert batch["input_ids"][0, 6:].tolist() == [49407] * 71
+    assert batch["attention_mask"][0].tolist() == [1] * 6 + [0] * 71
+    assert torch.equal(tok("a dog wearing hat"), batch["input_ids"])
+    long = tok.batch_encode(["horse " * 100, ""], max_length=10)["attention_mask"]
+    assert long.tolist() == [[1] * 10, [1, 1] + [0] * 8]
+
+
 def test_ids_match_transformers(tok, hf_folder):
     transformers = pytest.importorskip("transformers")
     hf = transformers.CLIPTokenizer.from_pretrained(str(hf_folder))
-    theirs = hf(PROMPTS, padding="max_length", max_length=77, truncation=True)["input_ids"]
-    ours = tok(PROMPTS).tolist()
-    for prompt, a, b in zip(PROMPTS, ours, theirs):
-        assert a == b, prompt
+    theirs = hf(PROMPTS, padding="max_length", max_length=77, truncation=True)
+    ours = tok.batch_encode(PROMPTS)
+    for prompt, a, b, mask_a, mask_b in zip(PROMPTS, ours["input_ids"].tolist(), theirs["input_ids"],
+                                            ours["attention_mask"].tolist(), theirs["attention_mask"]):
+        assert a == b and mask_a == mask_b, prompt
 
 
 def test_ids_match_reference_bpe(tok):

@@ -278,7 +278,8 @@ def test_different_contexts_give_different_outputs_and_same_context_the_same():
     with torch.no_grad():
         out = model(x, torch.full((3,), 400.0), torch.cat([a, b, a]))
     assert not torch.allclose(out[0], out[1])
-    torch.testing.assert_close(out[0], out[2])
+    # float32: rows 0 and 2 of one batch may fall in different GEMM blocks; outputs ≤ ~2 → atol 1e-5
+    torch.testing.assert_close(out[0], out[2], rtol=1e-5, atol=1e-5)
     # A context of another length (more tokens) is fine: attention pools over tokens.
     assert model(x, torch.full((3,), 1.0), noisy((3, 9, 12))).shape == x.shape
 
@@ -339,4 +340,5 @@ def test_class_model_takes_labels_through_cond():
     with torch.no_grad():
         torch.testing.assert_close(model(x, t, cond=torch.tensor([1, 2])), model(x, t, torch.tensor([1, 2])))
         soft = torch.nn.functional.one_hot(torch.tensor([1, 2]), 6).float()   # soft weights still work
+        # float32: one-hot weights times the embedding table vs a lookup; outputs ≤ ~2 → atol 1e-5
         torch.testing.assert_close(model(x, t, soft), model(x, t, torch.tensor([1, 2])), atol=1e-5, rtol=1e-5)

@@ -3,54 +3,37 @@
 A run directory's config.json holds {"model": ..., "diffusion": ..., "train": ..., "data": ...}, and for latent
 and text-conditional runs also "latent" (the VAE's scaling factor and latent shape; the VAE itself is copied into
 the run's vae/ folder) and "text" (the context length and width of the frozen text encoder in text_encoder/).
-Each part is a dataclass here whose from_dict rejects unknown keys and wrong types with one clear sentence.
+Each part is a dataclass here: its fields with a default and a comment each, then RULES, the table of the values each
+field may take, which settings.check_fields checks (unknown keys and wrong values fail with one clear sentence).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from .denoiser import PREDICTION_TYPES, check_prediction_type
-from .errors import NoisecraftError, brief, short_repr as _short
+from .denoiser import PREDICTION_TYPES
+from .errors import NoisecraftError, short_repr as _short
 from .io.checkpoint import load_json
 from .losses import LOSSES
 from .models.unet import UNetConfig
 from .schedule import BETA_SCHEDULES, MAX_T, NoiseSchedule
-from .settings import check_choice, check_number, check_shape
+from .settings import check_fields, settings_from_dict, settings_to_dict
 
 CONFIG_VERSION = 1
 DEFAULT_MINUTES = 20.0   # the training budget when neither steps nor minutes is given
-
-
-def _from_dict(cls, data: Any, section: str):
-    if not isinstance(data, dict):
-        raise NoisecraftError(f"config section '{section}' must be a JSON object, got {type(data).__name__}.")
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise NoisecraftError(f"unknown settings {unknown} in config section '{section}'; remove them.")
-    try:
-        return cls(**data)
-    except TypeError as e:
-        raise NoisecraftError(f"config section '{section}' is invalid ({brief(e)}); "
-                              "fix or delete the config.") from None
-
-
-
 MAX_TEXT_LENGTH = 65_536
 MAX_TEXT_DIM = 65_536
-
+TIMESTEP_SAMPLING = ("uniform", "importance")
 
 
 @dataclass
 class DiffusionConfig:
-    schedule: str = "cosine"
-    T: int = 1000
-    prediction: str = "eps"
-    min_snr_gamma: float | None = 5.0
-    clip_x0: bool = True   # clamp x̂0 to the data range while sampling
+    schedule: str = "cosine"          # beta schedule: linear, scaled_linear or cosine
+    T: int = 1000                     # diffusion steps
+    prediction: str = "eps"           # what the network predicts: eps, x0 or v
+    min_snr_gamma: float | None = 5.0   # Min-SNR-γ loss weighting (Hang et al. 2023); None or 0: off
+    clip_x0: bool = True              # clamp x̂0 to the data range while sampling
     beta_start: float | None = None   # None: the schedule's own default (linear 1e-4, scaled_linear 0.00085)
     beta_end: float | None = None     # None: linear 0.02, scaled_linear 0.012
     learn_sigma: bool = False         # improved DDPM: the U-Net also outputs the reverse variance (2C channels)
@@ -58,26 +41,22 @@ class DiffusionConfig:
     vlb_weight: float = 0.001         # λ of the hybrid loss
     timestep_sampling: str = "uniform"   # "uniform" or "importance" (p_t ∝ sqrt(E[L_t²]), for loss "vlb")
 
+    RULES = (   # field, type, allowed values, None allowed (settings.check_fields)
+        ("schedule", "str", BETA_SCHEDULES, False),
+        ("T", "int", f"[2, {MAX_T}]", False),
+        ("prediction", "str", PREDICTION_TYPES, False),
+        ("min_snr_gamma", "float", "[0, inf)", True),
+        ("clip_x0", "bool", None, False),
+        ("beta_start", "float", "[0, 1]", True),
+        ("beta_end", "float", "[0, 1]", True),
+        ("learn_sigma", "bool", None, False),
+        ("loss", "str", LOSSES, False),
+        ("vlb_weight", "float", "[0, inf)", False),
+        ("timestep_sampling", "str", TIMESTEP_SAMPLING, False),
+    )
+
     def __post_init__(self):
-        if not isinstance(self.schedule, str) or self.schedule not in BETA_SCHEDULES:
-            raise NoisecraftError(f"unknown beta schedule {_short(self.schedule)}; choose one of "
-                                  f"{', '.join(BETA_SCHEDULES)}.")
-        check_number("diffusion", "T", self.T, lo=2, hi=MAX_T, integer=True)
-        check_choice("diffusion", "prediction", self.prediction, PREDICTION_TYPES)
-        check_prediction_type(self.prediction)
-        check_number("diffusion", "min_snr_gamma", self.min_snr_gamma, lo=0, allow_none=True)
-        check_number("diffusion", "beta_start", self.beta_start, lo=0, hi=1, allow_none=True)
-        check_number("diffusion", "beta_end", self.beta_end, lo=0, hi=1, allow_none=True)
-        if not isinstance(self.learn_sigma, bool):
-            raise NoisecraftError(f"diffusion.learn_sigma must be true or false, got {self.learn_sigma!r}.")
-        if not isinstance(self.clip_x0, bool):
-            raise NoisecraftError(f"diffusion.clip_x0 must be true or false, got {_short(self.clip_x0)}.")
-        if not isinstance(self.loss, str) or self.loss not in LOSSES:
-            raise NoisecraftError(f"unknown loss {_short(self.loss)}; choose one of {', '.join(LOSSES)}.")
-        check_number("diffusion", "vlb_weight", self.vlb_weight, lo=0)
-        if not isinstance(self.timestep_sampling, str) or self.timestep_sampling not in TIMESTEP_SAMPLING:
-            raise NoisecraftError(f"unknown timestep sampling {_short(self.timestep_sampling)}; choose one of "
-                                  f"{', '.join(TIMESTEP_SAMPLING)}.")
+        check_fields(self, self.RULES, "diffusion")
         if self.beta_start is not None and self.beta_end is not None and not self.beta_start < self.beta_end:
             raise NoisecraftError(f"diffusion.beta_start ({self.beta_start}) must be below diffusion.beta_end "
                                   f"({self.beta_end}).")
@@ -95,11 +74,11 @@ class DiffusionConfig:
 @dataclass
 class TrainConfig:
     batch_size: int = 64
-    lr: float = 2e-3
-    warmup_steps: int = 200
+    lr: float = 2e-3                  # AdamW's peak learning rate
+    warmup_steps: int = 200           # linear warm-up to lr
     weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999
+    grad_clip: float = 1.0            # gradient norm clipping
+    ema_decay: float = 0.999          # the sampling weights are an exponential moving average
     steps: int | None = None          # total optimizer steps (a budget; with minutes, whichever comes first)
     minutes: float | None = None      # wall-clock budget for this invocation
     seed: int = 0
@@ -108,36 +87,42 @@ class TrainConfig:
     checkpoint_every: int = 500       # write a checkpoint every N steps (and always at the end)
     log_every: int = 25               # CSV log interval in steps
 
+    RULES = (   # field, type, allowed values, None allowed (settings.check_fields)
+        ("batch_size", "int", "[1, inf)", False),
+        ("lr", "float", "[0, inf)", False),
+        ("warmup_steps", "int", "[0, inf)", False),
+        ("weight_decay", "float", "[0, inf)", False),
+        ("grad_clip", "float", "[0, inf)", False),
+        ("ema_decay", "float", "[0, 1]", False),
+        ("steps", "int", "[1, inf)", True),
+        ("minutes", "float", "[0, inf)", True),
+        ("seed", "int", "[0, inf)", False),
+        ("label_dropout", "float", "[0, 1]", False),
+        ("sample_every", "int", "[0, inf)", False),
+        ("checkpoint_every", "int", "[0, inf)", False),
+        ("log_every", "int", "[0, inf)", False),
+    )
+
     def __post_init__(self):
-        check_number("train", "batch_size", self.batch_size, lo=1, integer=True)
-        check_number("train", "lr", self.lr, lo=0)
-        check_number("train", "warmup_steps", self.warmup_steps, lo=0, integer=True)
-        check_number("train", "weight_decay", self.weight_decay, lo=0)
-        check_number("train", "grad_clip", self.grad_clip, lo=0)
-        check_number("train", "ema_decay", self.ema_decay, lo=0, hi=1)
-        check_number("train", "steps", self.steps, lo=1, integer=True, allow_none=True)
-        check_number("train", "minutes", self.minutes, lo=0, allow_none=True)
-        check_number("train", "seed", self.seed, lo=0, integer=True)
-        check_number("train", "label_dropout", self.label_dropout, lo=0, hi=1)
-        for name in ("sample_every", "checkpoint_every", "log_every"):
-            check_number("train", name, getattr(self, name), lo=0, integer=True)
+        check_fields(self, self.RULES, "train")
 
 
 @dataclass
 class DataConfig:
-    dataset: str = "digits"
-    image_shape: tuple[int, int, int] = (1, 16, 16)
+    dataset: str = "digits"           # a built-in name (mnist, fashion-mnist, cifar10, digits) or folder:PATH
+    image_shape: tuple[int, int, int] = (1, 16, 16)   # (C, H, W)
     class_names: list[str] = field(default_factory=list)
-    conditional: bool = False
+    conditional: bool = False         # class-conditional training
+
+    RULES = (   # field, type, allowed values, None allowed (settings.check_fields)
+        ("dataset", "str", None, False),
+        ("image_shape", "shape", None, False),
+        ("class_names", "strs", None, False),
+        ("conditional", "bool", None, False),
+    )
 
     def __post_init__(self):
-        self.image_shape = check_shape("data", "image_shape", self.image_shape)
-        if not isinstance(self.dataset, str) or not self.dataset:
-            raise NoisecraftError(f"data.dataset must be a dataset name such as \"mnist\", got {_short(self.dataset)}.")
-        if not isinstance(self.class_names, list) or any(not isinstance(n, str) for n in self.class_names):
-            raise NoisecraftError(f"data.class_names must be a list of strings, got {_short(self.class_names)}.")
-        if not isinstance(self.conditional, bool):
-            raise NoisecraftError(f"data.conditional must be true or false, got {_short(self.conditional)}.")
+        check_fields(self, self.RULES, "data")
 
 
 @dataclass
@@ -147,9 +132,13 @@ class LatentConfig:
     scaling_factor: float = 1.0
     latent_shape: tuple[int, int, int] = (4, 7, 7)
 
+    RULES = (   # field, type, allowed values, None allowed (settings.check_fields)
+        ("scaling_factor", "float", "[1e-8, inf)", False),
+        ("latent_shape", "shape", None, False),
+    )
+
     def __post_init__(self):
-        self.latent_shape = check_shape("latent", "latent_shape", self.latent_shape)
-        check_number("latent", "scaling_factor", self.scaling_factor, lo=1e-8)
+        check_fields(self, self.RULES, "latent")
 
 
 @dataclass
@@ -160,9 +149,13 @@ class TextConfig:
     max_length: int = 77
     dim: int = 768
 
+    RULES = (   # field, type, allowed values, None allowed (settings.check_fields)
+        ("max_length", "int", f"[1, {MAX_TEXT_LENGTH}]", False),
+        ("dim", "int", f"[1, {MAX_TEXT_DIM}]", False),
+    )
+
     def __post_init__(self):
-        check_number("text", "max_length", self.max_length, lo=1, hi=MAX_TEXT_LENGTH, integer=True)
-        check_number("text", "dim", self.dim, lo=1, hi=MAX_TEXT_DIM, integer=True)
+        check_fields(self, self.RULES, "text")
 
 
 @dataclass
@@ -202,14 +195,13 @@ class RunConfig:
         d = {
             "version": CONFIG_VERSION,
             "model": self.model.to_dict(),
-            "diffusion": asdict(self.diffusion),
-            "train": asdict(self.train),
-            "data": {**asdict(self.data), "image_shape": list(self.data.image_shape)},
+            "diffusion": settings_to_dict(self.diffusion),
+            "train": settings_to_dict(self.train),
+            "data": settings_to_dict(self.data),
         }
-        if self.latent is not None:
-            d["latent"] = {**asdict(self.latent), "latent_shape": list(self.latent.latent_shape)}
-        if self.text is not None:
-            d["text"] = asdict(self.text)
+        for name in ("latent", "text"):
+            if getattr(self, name) is not None:
+                d[name] = settings_to_dict(getattr(self, name))
         return d
 
     @classmethod
@@ -226,20 +218,12 @@ class RunConfig:
         unknown = sorted(set(data) - {"version", "model", "diffusion", "train", "data", "latent", "text"})
         if unknown:
             raise NoisecraftError(f"unknown sections {unknown} in config.json; remove them.")
-        if not isinstance(data["model"], dict):
-            raise NoisecraftError("config section 'model' must be a JSON object.")
-        try:
-            model = UNetConfig.from_dict(data["model"])
-        except TypeError as e:
-            raise NoisecraftError(f"config section 'model' is invalid ({brief(e)}).") from None
-        return cls(
-            model=model,
-            diffusion=_from_dict(DiffusionConfig, data["diffusion"], "diffusion"),
-            train=_from_dict(TrainConfig, data["train"], "train"),
-            data=_from_dict(DataConfig, data["data"], "data"),
-            latent=_from_dict(LatentConfig, data["latent"], "latent") if data.get("latent") is not None else None,
-            text=_from_dict(TextConfig, data["text"], "text") if data.get("text") is not None else None,
-        )
+        optional = {name: settings_from_dict(kind, data[name], name) if data.get(name) is not None else None
+                    for name, kind in (("latent", LatentConfig), ("text", TextConfig))}
+        return cls(model=UNetConfig.from_dict(data["model"]),
+                   diffusion=settings_from_dict(DiffusionConfig, data["diffusion"], "diffusion"),
+                   train=settings_from_dict(TrainConfig, data["train"], "train"),
+                   data=settings_from_dict(DataConfig, data["data"], "data"), **optional)
 
 
 def default_model_config(image_shape: tuple[int, int, int], num_classes: int = 0) -> UNetConfig:
@@ -306,5 +290,3 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
                               f"given to `noisecraft train --out`.")
     return RunConfig.from_dict(load_json(run_dir / "config.json"))
 
-
-TIMESTEP_SAMPLING = ("uniform", "importance")

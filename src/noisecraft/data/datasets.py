@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import NoisecraftError
+from ..errors import NoisecraftError, brief
 from ..memory import physical_memory
 from .download import SOURCES, ensure_files
 
@@ -240,7 +240,7 @@ def parse_idx(data: bytes, *, ndim: int, source: str = "IDX file") -> np.ndarray
         try:
             return _gunzip_prefix(stream, n)
         except (OSError, EOFError, zlib.error) as err:
-            raise NoisecraftError(f"{source} is not a valid gzip file ({_one_line(err)}); {fix}.") from None
+            raise NoisecraftError(f"{source} is not a valid gzip file ({brief(err)}); {fix}.") from None
 
     head = gunzip(header) if gzipped else data[:header]
     if len(head) < 4:
@@ -277,11 +277,6 @@ def parse_idx(data: bytes, *, ndim: int, source: str = "IDX file") -> np.ndarray
             f"{source} {what} (expected {expected} bytes of {shape} data, got {got}{more}); {fix}."
         )
     return np.frombuffer(body, dtype=np.uint8).reshape(dims)
-
-
-def _one_line(err: BaseException) -> str:
-    """An exception's text on one line, without a trailing full stop (it sits inside a sentence)."""
-    return " ".join(str(err).split()).rstrip(".") or type(err).__name__
 
 
 def _load_idx_dataset(
@@ -381,7 +376,7 @@ def _decode(path: Path, before_load=None):
         if im is not None:
             im.close()
         raise NoisecraftError(
-            f"Cannot read image file {path} ({type(err).__name__}: {_one_line(err)}); delete or replace it."
+            f"Cannot read image file {path} ({type(err).__name__}: {brief(err)}); delete or replace it."
         ) from None
 
 

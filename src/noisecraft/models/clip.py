@@ -24,7 +24,7 @@ above 49407. A row with no end-of-text token at all (hand-made ids) is pooled at
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,7 +33,7 @@ from torch import nn
 
 from ..errors import NoisecraftError, brief, short_repr as _short
 from ..io.checkpoint import load_json, load_weights, save_json, save_weights
-from ..settings import settings_from_dict
+from ..settings import check_fields, settings_from_dict, settings_to_dict
 from .size_limits import check_parameter_count
 from .text_encoder import TEXT_ENCODER_FILE, TextEncoder, _check_prompts
 from .tokenizer import CLIPTokenizer
@@ -63,48 +63,49 @@ class CLIPTextConfig:
     projection_dim: int | None = None        # a text_projection to this size after pooling (None: no projection)
     eos_token_id: int | None = None          # the pooling token; default vocab_size - 1 (CLIP's <|endoftext|>)
 
+    RULES = (   # field, type, allowed values, None allowed (settings.check_fields)
+        ("vocab_size", "int", "[1, inf)", False),
+        ("max_length", "int", f"[1, {MAX_LENGTH}]", False),
+        ("width", "int", "[1, inf)", False),
+        ("layers", "int", f"[1, {MAX_LAYERS}]", False),
+        ("heads", "int", "[1, inf)", False),
+        ("intermediate_size", "int", "[1, inf)", False),
+        ("activation", "str", ACTIVATIONS, False),
+        ("layer_norm_eps", "float", "(0, inf)", False),
+        ("projection_dim", "int", "[1, inf)", True),
+        ("eos_token_id", "int", "[0, inf)", False),
+    )
+
     def __post_init__(self):
         if self.intermediate_size is None:
             self.intermediate_size = 4 * self.width if isinstance(self.width, int) else None
         if self.eos_token_id is None:
             self.eos_token_id = self.vocab_size - 1 if isinstance(self.vocab_size, int) else None
-        for name in ("vocab_size", "max_length", "width", "layers", "heads", "intermediate_size"):
-            _check_positive(name, getattr(self, name))
-        if self.projection_dim is not None:
-            _check_positive("projection_dim", self.projection_dim)
+        check_fields(self, self.RULES, "CLIP text")
         if self.width % self.heads:
             raise NoisecraftError(f"text width {self.width} must be divisible by heads {self.heads}; "
                                   f"change --width or --heads.")
-        if not isinstance(self.activation, str) or self.activation not in ACTIVATIONS:
-            raise NoisecraftError(f"unknown text activation {_short(self.activation)}; use one of "
-                                  f"{', '.join(ACTIVATIONS)}.")
-        if isinstance(self.layer_norm_eps, bool) or not isinstance(self.layer_norm_eps, (int, float)) \
-                or not 0 < self.layer_norm_eps < math.inf:
-            raise NoisecraftError(f"layer_norm_eps must be a positive number, got {_short(self.layer_norm_eps)}.")
-        if not isinstance(self.eos_token_id, int) or isinstance(self.eos_token_id, bool) \
-                or not 0 <= self.eos_token_id < self.vocab_size:
+        if self.eos_token_id >= self.vocab_size:
             raise NoisecraftError(f"eos_token_id must be a token id in 0..{self.vocab_size - 1}, "
-                                  f"got {_short(self.eos_token_id)}.")
-        if self.layers > MAX_LAYERS or self.max_length > MAX_LENGTH:
-            raise NoisecraftError(f"CLIP settings out of range: at most {MAX_LAYERS} layers and {MAX_LENGTH} "
-                                  f"positions (got {self.layers} and {self.max_length}); fix or delete the config.")
-        # Size the network from the settings alone, before a single weight is allocated.
-        check_parameter_count(self.estimated_parameters(), "a CLIP text transformer",
-                              "lower width, layers or vocab_size")
-
-    def estimated_parameters(self) -> int:
-        """Parameters of the text transformer (with its projection), computed from the settings alone."""
-        w, inner = self.width, self.intermediate_size
-        layer = 4 * (w * w + w) + (w * inner + inner) + (inner * w + w) + 4 * w
-        projection = w * self.projection_dim if self.projection_dim else 0
-        return (self.vocab_size + self.max_length) * w + self.layers * layer + 2 * w + projection
+                                  f"got {self.eos_token_id}.")
+        # Size the network before a single weight is allocated: coarsely from its matrices, then exactly on the meta
+        # device (the text transformer and its projection, as CLIPTextEncoder holds them).
+        w = self.width
+        at_least = (self.vocab_size + (self.projection_dim or 0)) * w + self.layers * w * (w + self.intermediate_size)
+        check_parameter_count(lambda: nn.ModuleList([CLIPTextTransformer(self), _text_projection(self)]), at_least,
+                              "a CLIP text transformer", "lower width, layers, vocab_size or projection_dim")
 
     @classmethod
     def from_dict(cls, data: dict) -> "CLIPTextConfig":
         return settings_from_dict(cls, data, "CLIP text")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return settings_to_dict(self)
+
+
+def _text_projection(c: CLIPTextConfig) -> nn.Module | None:
+    """The pooled text state -> the CLIP embedding space (transformers' text_projection), when the config has one."""
+    return nn.Linear(c.width, c.projection_dim, bias=False) if c.projection_dim else None
 
 
 def _check_positive(name: str, value) -> None:
@@ -414,8 +415,7 @@ class CLIPTextEncoder(TextEncoder):
         self.config = config
         self.tokenizer = tokenizer
         self.text_model = CLIPTextTransformer(config) if text_model is None else text_model
-        self.text_projection = (nn.Linear(config.width, config.projection_dim, bias=False)
-                                if config.projection_dim else None)
+        self.text_projection = _text_projection(config)
         self.dim = config.width
         self.pooled_dim = config.projection_dim or config.width
         self.max_length = config.max_length

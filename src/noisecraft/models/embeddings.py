@@ -34,7 +34,8 @@ class TimeEmbedding(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(base_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(timestep_embedding(t, self.base_dim))
+        # Sinusoidal features in float32 (timesteps up to 1000 need its precision), then the MLP in the weights' dtype.
+        return self.mlp(timestep_embedding(t, self.base_dim).to(self.mlp[0].weight.dtype))
 
 
 class LabelEmbedding(nn.Module):

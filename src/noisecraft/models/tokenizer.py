@@ -7,7 +7,8 @@ The pipeline, each stage a component of the `tokenizers` library:
          ─ BPE with end-of-word suffix "</w>" ─ ids ─ <|startoftext|> ids <|endoftext|> padding
 
 Stable Diffusion 1.x reads prompts as exactly 77 ids padded with <|endoftext|> (49407); the text
-encoder's causal mask makes the padding harmless. `__call__` returns that B×77 LongTensor.
+encoder's causal mask makes the padding harmless. `__call__` returns that B×77 LongTensor; `batch_encode` adds the
+attention mask (1 at real tokens, 0 at padding), as transformers' tokenizer returns it.
 """
 
 from __future__ import annotations
@@ -253,6 +254,12 @@ class CLIPTokenizer:
     def __call__(self, prompts: str | list[str], max_length: int | None = None) -> torch.LongTensor:
         """B×L ids: <|startoftext|> tokens <|endoftext|> then padding; long prompts lose their tail
         tokens, never the end token (the text encoder pools at it)."""
+        return self.batch_encode(prompts, max_length)["input_ids"]
+
+    def batch_encode(self, prompts: str | list[str], max_length: int | None = None) -> dict[str, torch.LongTensor]:
+        """{"input_ids": B×L ids as __call__ gives them, "attention_mask": B×L, 1 at the real tokens (start and end
+        tokens included) and 0 at the padding}: what transformers' tokenizer(prompts, padding="max_length",
+        truncation=True) returns. CLIP's causal text encoder needs no mask; other readers of the tokens may."""
         if isinstance(prompts, str):
             prompts = [prompts]
         length = self.max_length if max_length is None else max_length
@@ -260,11 +267,13 @@ class CLIPTokenizer:
             raise NoisecraftError(f"max_length must be an integer >= 2, got {length!r}.")
         if not all(isinstance(p, str) for p in prompts):
             raise NoisecraftError("prompts must be strings; pass a string or a list of strings.")
-        out = torch.full((len(prompts), length), self.pad_id, dtype=torch.long)
+        ids = torch.full((len(prompts), length), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), length), dtype=torch.long)
         for row, encoding in enumerate(self._tokenizer.encode_batch(list(prompts), add_special_tokens=False)):
-            ids = [self.bos_id, *encoding.ids[:length - 2], self.eos_id]
-            out[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-        return out
+            tokens = [self.bos_id, *encoding.ids[:length - 2], self.eos_id]
+            ids[row, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+            mask[row, :len(tokens)] = 1
+        return {"input_ids": ids, "attention_mask": mask}
 
     def tokenize(self, prompt: str) -> list[str]:
         """The BPE pieces of a prompt, e.g. ["a</w>", "photo</w>", "of</w>", ...] (no special tokens)."""

@@ -20,38 +20,40 @@ a fixed number of heads (`num_heads`), the time embedding added after the first 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import NoisecraftError, short_repr as _short
-from ..settings import settings_from_dict
+from ..settings import check_fields, settings_from_dict, settings_to_dict
 from .attention import SelfAttention2d
-from .embeddings import LabelEmbedding, TimeEmbedding, timestep_embedding
-from .size_limits import check_parameter_count
+from .embeddings import LabelEmbedding, TimeEmbedding
+from .size_limits import check_parameter_count, parameter_count
 from .transformer import SpatialTransformer
 
-# Bounds far above any real U-Net (Stable Diffusion XL's has 2.6e9 parameters and 3 levels), so that a corrupted
-# or hostile config fails with a clear sentence instead of exhausting the memory.
+# Bounds far above any real U-Net (Stable Diffusion XL's has 2.6e9 parameters, 3 levels and about 180 blocks), so
+# that a corrupted or hostile config fails with a clear sentence instead of exhausting the memory or the patience.
 MAX_LEVELS = 12
-MAX_BLOCKS = 64
+MAX_BLOCKS = 64                    # residual blocks per level, transformer blocks per attention site
+MAX_BUILT_BLOCKS = 500             # residual and attention blocks in all
 MAX_IO_CHANNELS = 1024
+TIME_CONDITIONING = ("scale_shift", "additive")
 
 
 @dataclass
 class UNetConfig:
     """Everything needed to rebuild a UNet; stored in a run's config.json."""
 
-    in_channels: int = 1
+    in_channels: int = 1                      # image (or latent) channels
     out_channels: int | None = None          # default: in_channels (ε, x0 or v prediction)
-    base_channels: int = 32
-    channel_mults: tuple[int, ...] = (1, 2, 4)
-    num_res_blocks: int = 2
+    base_channels: int = 32                   # width of level 0; the time embedding is 4× as wide
+    channel_mults: tuple[int, ...] = (1, 2, 4)   # width of each level, in multiples of base_channels
+    num_res_blocks: int = 2                   # ResBlocks per level on the way down (one more on the way up)
     attention_levels: tuple[int, ...] = (2,)  # level 0 is full resolution; each level halves H and W
-    head_dim: int = 32
-    dropout: float = 0.1
+    head_dim: int = 32                        # channels per attention head (when num_heads is None)
+    dropout: float = 0.1                      # in every ResBlock, before its second convolution
     num_classes: int = 0                      # 0: unconditional; >0 adds a label embedding with a null class
     groups: int = 8                           # GroupNorm groups
     context_dim: int | None = None            # None: no text; else the width of the text embeddings (cross-attention)
@@ -61,34 +63,34 @@ class UNetConfig:
     linear_projection: bool = False           # text models: linear proj_in/proj_out (SD 2.x) instead of 1×1 convs
     norm_eps: float = 1e-5                    # eps of the ResBlock and output GroupNorms
 
+    RULES = (   # field, type, allowed values, None allowed (settings.check_fields)
+        ("in_channels", "int", f"[1, {MAX_IO_CHANNELS}]", False),
+        ("out_channels", "int", f"[1, {MAX_IO_CHANNELS}]", False),
+        ("base_channels", "int", "[1, inf)", False),
+        ("channel_mults", "ints+", "[1, inf)", False),
+        ("num_res_blocks", "int", f"[1, {MAX_BLOCKS}]", False),
+        ("attention_levels", "ints", "[0, inf)", False),
+        ("head_dim", "int", "[1, inf)", False),
+        ("dropout", "float", "[0, 1)", False),
+        ("num_classes", "int", "[0, inf)", False),
+        ("groups", "int", "[1, inf)", False),
+        ("context_dim", "int", "[1, inf)", True),
+        ("transformer_depth", "int", f"[1, {MAX_BLOCKS}]", False),
+        ("time_conditioning", "str", TIME_CONDITIONING, False),
+        ("linear_projection", "bool", None, False),
+        ("norm_eps", "float", "(0, inf)", False),
+    )
+
     def __post_init__(self):
-        for name in ("channel_mults", "attention_levels"):
-            if not isinstance(getattr(self, name), (list, tuple, range)):
-                raise NoisecraftError(f"model setting {name} must be a list of integers, "
-                                      f"got {_short(getattr(self, name))}.")
-        self.channel_mults = tuple(self.channel_mults)
-        self.attention_levels = tuple(self.attention_levels)
         if isinstance(self.num_heads, list):      # JSON stores tuples as lists
             self.num_heads = tuple(self.num_heads)
         if self.out_channels is None:
             self.out_channels = self.in_channels
-        positive = ("in_channels", "out_channels", "base_channels", "num_res_blocks", "head_dim", "groups")
-        for name in positive:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise NoisecraftError(f"model setting {name} must be a positive integer, got {_short(value)}.")
-        if not self.channel_mults or any(isinstance(m, bool) or not isinstance(m, int) or m < 1
-                                         for m in self.channel_mults):
-            raise NoisecraftError(f"channel_mults must be positive integers, got {_short(self.channel_mults)}.")
-        for name, value, most in (("levels (len(channel_mults))", len(self.channel_mults), MAX_LEVELS),
-                                  ("num_res_blocks", self.num_res_blocks, MAX_BLOCKS),
-                                  ("in_channels", self.in_channels, MAX_IO_CHANNELS),
-                                  ("out_channels", self.out_channels, MAX_IO_CHANNELS)):
-            if value > most:
-                raise NoisecraftError(f"model setting {name} is {value}, more than the {most} a U-Net can "
-                                      f"sensibly have; fix or delete the config.")
-        if any(isinstance(a, bool) or not isinstance(a, int) for a in self.attention_levels):
-            raise NoisecraftError(f"attention_levels must be integers, got {_short(self.attention_levels)}.")
+        check_fields(self, self.RULES, "model")
+        self.norm_eps = float(self.norm_eps)
+        if len(self.channel_mults) > MAX_LEVELS:
+            raise NoisecraftError(f"model setting channel_mults has {len(self.channel_mults)} levels, more than the "
+                                  f"{MAX_LEVELS} a U-Net can sensibly have; fix or delete the config.")
         for m in self.channel_mults:
             if (self.base_channels * m) % self.groups:
                 raise NoisecraftError(
@@ -98,74 +100,37 @@ class UNetConfig:
             raise NoisecraftError(
                 f"attention_levels {_short(self.attention_levels)} must index channel_mults "
                 f"(0..{len(self.channel_mults) - 1}).")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
-            raise NoisecraftError(f"dropout must be in [0, 1), got {_short(self.dropout)}.")
-        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 0:
-            raise NoisecraftError(f"num_classes must be a non-negative integer, got {_short(self.num_classes)}.")
-        if self.context_dim is not None and (isinstance(self.context_dim, bool) or not isinstance(self.context_dim, int)
-                                             or self.context_dim < 1):
-            raise NoisecraftError(f"context_dim must be a positive integer or None, got {_short(self.context_dim)}.")
-        if (isinstance(self.transformer_depth, bool) or not isinstance(self.transformer_depth, int)
-                or not 1 <= self.transformer_depth <= MAX_BLOCKS):
-            raise NoisecraftError(f"transformer_depth must be a positive integer (at most {MAX_BLOCKS}), "
-                                  f"got {_short(self.transformer_depth)}.")
         self._check_heads()
-        if self.time_conditioning not in ("scale_shift", "additive"):
-            raise NoisecraftError(f"time_conditioning must be \"scale_shift\" or \"additive\", "
-                                  f"got {_short(self.time_conditioning)}.")
-        if not isinstance(self.linear_projection, bool):
-            raise NoisecraftError(f"linear_projection must be true or false, got {_short(self.linear_projection)}.")
-        if (isinstance(self.norm_eps, bool) or not isinstance(self.norm_eps, (int, float))
-                or not 0 < self.norm_eps < float("inf")):
-            raise NoisecraftError(f"norm_eps must be a positive number, got {_short(self.norm_eps)}.")
-        self.norm_eps = float(self.norm_eps)
         if self.num_classes and self.context_dim is not None:
             raise NoisecraftError("a model takes class labels (num_classes) or text (context_dim), not both; "
                                   "set one of them to its default (0 or None).")
-        # Size the network from the settings alone, before a single weight is allocated: base_channels = 10^9
-        # must be a clear error, not an attempt to allocate 10^19 floats.
-        check_parameter_count(self.estimated_parameters(), "a U-Net",
+        # Size the network before a single weight is allocated (base_channels = 10^9 must be a clear error, not an
+        # attempt to allocate 10^19 floats): coarsely from the settings, then exactly on the meta device.
+        blocks = self._blocks()
+        if blocks > MAX_BUILT_BLOCKS:
+            raise NoisecraftError(f"these settings give a U-Net of {blocks} residual and attention blocks, more than "
+                                  f"the {MAX_BUILT_BLOCKS} noisecraft builds; lower num_res_blocks, transformer_depth "
+                                  f"or the number of levels.")
+        check_parameter_count(lambda: UNet(self), self._fewest_parameters(), "a U-Net",
                               "lower base_channels, channel_mults, num_res_blocks, num_classes or context_dim")
 
-    def estimated_parameters(self) -> int:
-        """The parameter count of UNet(self), computed from the settings without building anything (exact up to
-        the normalisation layers' few weights)."""
-        b, emb = self.base_channels, 4 * self.base_channels
-        widths = [b * m for m in self.channel_mults]
+    def _blocks(self) -> int:
+        """The residual and attention (or transformer) blocks UNet(self) has."""
+        per_level = 2 * self.num_res_blocks + 1                   # down and up
+        attention = (len(self.attention_levels) * per_level + 1) * (self.transformer_depth if self.context_dim else 1)
+        return len(self.channel_mults) * per_level + 2 + attention
 
-        def conv(i, o, k=3):
-            return i * o * k * k + o
+    def _fewest_parameters(self) -> int:
+        """A lower bound of UNet(self)'s parameter count from its largest weights alone: the second 3×3 convolution
+        of every residual block, the label table, the middle block's cross-attention keys and values."""
+        widths = [self.base_channels * m for m in self.channel_mults]
+        total = (2 * self.num_res_blocks + 1) * sum(9 * w * w for w in widths)
+        total += (self.num_classes + 1) * 4 * self.base_channels if self.num_classes else 0
+        return total + (2 * (self.context_dim or 0) * widths[-1] * self.transformer_depth)
 
-        def res(i, o):
-            film = o if self.time_conditioning == "additive" else 2 * o
-            return conv(i, o) + emb * film + film + conv(o, o) + (conv(i, o, 1) if i != o else 0) + 2 * (i + o)
-
-        def attention(ch):
-            if self.context_dim is None:
-                return conv(ch, 3 * ch, 1) + conv(ch, ch, 1) + 2 * ch
-            ctx = self.context_dim
-            block = (4 * ch * ch + ch) + (2 * ch * ch + 2 * ctx * ch + ch) + (12 * ch * ch + 9 * ch) + 6 * ch
-            return 2 * (ch * ch + ch) + self.transformer_depth * block + 2 * ch
-
-        total = b * emb + emb + emb * emb + emb + (self.num_classes + 1) * emb * (self.num_classes > 0)
-        total += conv(self.in_channels, widths[0])
-        skips, ch = [widths[0]], widths[0]
-        for level, width in enumerate(widths):
-            for _ in range(self.num_res_blocks):
-                total += res(ch, width) + (attention(width) if level in self.attention_levels else 0)
-                ch = width
-                skips.append(ch)
-            if level < len(widths) - 1:
-                total += conv(ch, ch)
-                skips.append(ch)
-        total += 2 * res(ch, ch) + attention(ch)
-        for level in reversed(range(len(widths))):
-            for _ in range(self.num_res_blocks + 1):
-                total += res(ch + skips.pop(), widths[level])
-                total += attention(widths[level]) if level in self.attention_levels else 0
-                ch = widths[level]
-            total += conv(ch, ch) if level > 0 else 0
-        return total + 2 * ch + conv(ch, self.out_channels)
+    def parameter_count(self) -> int:
+        """The parameters of UNet(self), counted on the meta device (no memory)."""
+        return parameter_count(lambda: UNet(self))
 
     def _check_heads(self) -> None:
         heads = self.num_heads
@@ -195,12 +160,7 @@ class UNetConfig:
         return settings_from_dict(cls, data, "model")
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["channel_mults"] = list(self.channel_mults)
-        d["attention_levels"] = list(self.attention_levels)
-        if isinstance(self.num_heads, tuple):
-            d["num_heads"] = list(self.num_heads)
-        return d
+        return settings_to_dict(self)
 
     @property
     def downsample_factor(self) -> int:
@@ -382,8 +342,7 @@ class UNet(nn.Module):
             context = cond.to(dtype)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
-        # Sinusoidal features in float32 (timesteps up to 1000 need its precision), then the MLP in the weights' dtype.
-        emb = self.time_embed.mlp(timestep_embedding(t, self.time_embed.base_dim).to(dtype))
+        emb = self.time_embed(t)
         if self.label_embed is not None:
             labels = cond
             if labels is None:  # no label given: the unconditional model

@@ -13,14 +13,14 @@ gives a 7×7 latent.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import NoisecraftError, short_repr as _short
-from ..settings import settings_from_dict
+from ..errors import NoisecraftError
+from ..settings import check_fields, settings_from_dict, settings_to_dict
 from .size_limits import check_parameter_count
 
 # Bounds far above any real autoencoder (Stable Diffusion's has 8.4e7 parameters), so that a corrupted or hostile
@@ -34,76 +34,43 @@ LOGVAR_RANGE = (-30.0, 20.0)       # log σ² is clamped here, as in SD, so exp(
 class VAEConfig:
     """Everything needed to rebuild an AutoencoderKL; stored in a VAE run's config.json under "model"."""
 
-    in_channels: int = 1
-    latent_channels: int = 4
+    in_channels: int = 1                                  # image channels
+    latent_channels: int = 4                              # L: the latent z is L×H/f×W/f
     block_out_channels: tuple[int, ...] = (32, 64, 64)   # one level each; H and W halve between levels
-    layers_per_block: int = 1
-    norm_groups: int = 8
-    mid_attention: bool = True
+    layers_per_block: int = 1                             # ResNet blocks per encoder level (the decoder has one more)
+    norm_groups: int = 8                                  # GroupNorm groups
+    mid_attention: bool = True                            # self-attention between the two middle ResNet blocks
+
+    RULES = (   # field, type, allowed values, None allowed (settings.check_fields)
+        ("in_channels", "int", f"[1, {MAX_IO_CHANNELS}]", False),
+        ("latent_channels", "int", f"[1, {MAX_IO_CHANNELS}]", False),
+        ("block_out_channels", "ints+", "[1, inf)", False),
+        ("layers_per_block", "int", f"[1, {MAX_BLOCKS}]", False),
+        ("norm_groups", "int", "[1, inf)", False),
+        ("mid_attention", "bool", None, False),
+    )
 
     def __post_init__(self):
-        if isinstance(self.block_out_channels, (list, tuple)):
-            self.block_out_channels = tuple(self.block_out_channels)
-        for name in ("in_channels", "latent_channels", "layers_per_block", "norm_groups"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise NoisecraftError(f"VAE setting {name} must be a positive integer, got {_short(value)}.")
+        check_fields(self, self.RULES, "VAE")
         widths = self.block_out_channels
-        if (not isinstance(widths, tuple) or not widths
-                or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths)):
-            raise NoisecraftError(f"VAE block_out_channels must be a non-empty list of positive integers, "
-                                  f"got {_short(self.block_out_channels)}.")
+        if len(widths) > MAX_LEVELS:
+            raise NoisecraftError(f"VAE setting block_out_channels has {len(widths)} levels, more than the "
+                                  f"{MAX_LEVELS} an autoencoder can sensibly have; fix or delete the config.")
         bad = [w for w in widths if w % self.norm_groups]
         if bad:
             raise NoisecraftError(f"every VAE width must be divisible by norm_groups={self.norm_groups}; "
                                   f"{bad} are not (change block_out_channels or norm_groups).")
-        if not isinstance(self.mid_attention, bool):
-            raise NoisecraftError(f"VAE setting mid_attention must be true or false, "
-                                  f"got {_short(self.mid_attention)}.")
-        if len(widths) > MAX_LEVELS or self.layers_per_block > MAX_BLOCKS or max(
-                self.in_channels, self.latent_channels) > MAX_IO_CHANNELS:
-            raise NoisecraftError(f"VAE settings out of range: at most {MAX_LEVELS} levels, {MAX_BLOCKS} layers per "
-                                  f"block and {MAX_IO_CHANNELS} image or latent channels; fix or delete the config.")
-        # Size the network from the settings alone, before a single weight is allocated.
-        check_parameter_count(self.estimated_parameters(), "an autoencoder", "lower block_out_channels")
-
-    def estimated_parameters(self) -> int:
-        """The parameter count of AutoencoderKL(self), computed from the settings without building anything."""
-        def conv(i, o, k=3):
-            return i * o * k * k + o
-
-        def res(i, o):
-            return 2 * i + conv(i, o) + 2 * o + conv(o, o) + (conv(i, o, 1) if i != o else 0)
-
-        def mid(ch):
-            return 2 * res(ch, ch) + (4 * (ch * ch + ch) + 2 * ch if self.mid_attention else 0)
-
-        widths, lat = self.block_out_channels, self.latent_channels
-        total = conv(self.in_channels, widths[0]) + conv(2 * lat, 2 * lat, 1) + conv(lat, lat, 1)
-        ch = widths[0]
-        for i, width in enumerate(widths):                      # encoder
-            for _ in range(self.layers_per_block):
-                total += res(ch, width)
-                ch = width
-            total += conv(ch, ch) if i < len(widths) - 1 else 0
-        total += mid(ch) + 2 * ch + conv(ch, 2 * lat)
-        ch = widths[-1]
-        total += conv(lat, ch) + mid(ch)                        # decoder
-        for i, width in enumerate(reversed(widths)):
-            for _ in range(self.layers_per_block + 1):
-                total += res(ch, width)
-                ch = width
-            total += conv(ch, ch) if i < len(widths) - 1 else 0
-        return total + 2 * ch + conv(ch, self.in_channels)
+        # Size the network before a single weight is allocated: coarsely from the second 3×3 convolution of every
+        # ResNet block (encoder and decoder), then exactly on the meta device.
+        at_least = (2 * self.layers_per_block + 1) * sum(9 * w * w for w in widths)
+        check_parameter_count(lambda: AutoencoderKL(self), at_least, "an autoencoder", "lower block_out_channels")
 
     @classmethod
     def from_dict(cls, data: dict) -> "VAEConfig":
         return settings_from_dict(cls, data, "VAE")
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["block_out_channels"] = list(self.block_out_channels)
-        return d
+        return settings_to_dict(self)
 
     @property
     def downsample_factor(self) -> int:
@@ -156,8 +123,8 @@ class ResnetBlock(nn.Module):
         return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
 
 
-class Attention(nn.Module):
-    """Single-head self-attention over the H·W positions, softmax(QKᵀ/√C)V, with a residual connection.
+class VAEMidAttention(nn.Module):
+    """The middle block's single-head self-attention over the H·W positions, softmax(QKᵀ/√C)V, with a residual connection.
 
     Linear projections act on the channel vector of each position (to_q, to_k, to_v, to_out.0 as in diffusers;
     the original SD checkpoints store them as 1×1 convolutions, the same numbers with two trailing unit dims).
@@ -179,7 +146,7 @@ class Attention(nn.Module):
         return x + out.transpose(1, 2).reshape(n, c, h, w)
 
 
-class Downsample(nn.Module):
+class VAEDownsample(nn.Module):
     """Pad right and bottom by one, then a stride-2 3×3 convolution without padding (SD's asymmetric down-sampler)."""
 
     def __init__(self, ch: int):
@@ -190,7 +157,7 @@ class Downsample(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1)))
 
 
-class Upsample(nn.Module):
+class VAEUpsample(nn.Module):
     """Nearest-neighbour ×2, then a 3×3 convolution."""
 
     def __init__(self, ch: int):
@@ -201,22 +168,35 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-class Level(nn.Module):
-    """The ResNet blocks of one resolution, then an optional resampler (diffusers' Down/UpEncoderBlock2D)."""
+class ResnetLevel(nn.Module):
+    """The ResNet blocks of one resolution, then an optional resampler, kept at index 0 of a list named
+    `resampler_key` (diffusers' key: down_blocks.i.downsamplers.0, up_blocks.i.upsamplers.0)."""
 
-    def __init__(self, resnets: list[ResnetBlock], resampler: nn.Module | None, kind: str):
+    resampler_key = ""
+
+    def __init__(self, resnets: list[ResnetBlock], resampler: nn.Module | None):
         super().__init__()
         self.resnets = nn.ModuleList(resnets)
         if resampler is not None:
-            setattr(self, kind, nn.ModuleList([resampler]))     # "downsamplers" or "upsamplers", index 0
-        self._resampler = kind if resampler is not None else None
+            setattr(self, self.resampler_key, nn.ModuleList([resampler]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.resnets:
             x = block(x)
-        if self._resampler is not None:
-            x = getattr(self, self._resampler)[0](x)
-        return x
+        resampler = getattr(self, self.resampler_key, None)
+        return x if resampler is None else resampler[0](x)
+
+
+class EncoderLevel(ResnetLevel):
+    """One level of the encoder, halving H and W but at the last level (diffusers' DownEncoderBlock2D)."""
+
+    resampler_key = "downsamplers"
+
+
+class DecoderLevel(ResnetLevel):
+    """One level of the decoder, doubling H and W but at the last level (diffusers' UpDecoderBlock2D)."""
+
+    resampler_key = "upsamplers"
 
 
 class MidBlock(nn.Module):
@@ -225,7 +205,7 @@ class MidBlock(nn.Module):
     def __init__(self, ch: int, groups: int, attention: bool):
         super().__init__()
         self.resnets = nn.ModuleList([ResnetBlock(ch, ch, groups), ResnetBlock(ch, ch, groups)])
-        self.attentions = nn.ModuleList([Attention(ch, groups)] if attention else [])
+        self.attentions = nn.ModuleList([VAEMidAttention(ch, groups)] if attention else [])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.resnets[0](x)
@@ -249,7 +229,7 @@ class Encoder(nn.Module):
                 resnets.append(ResnetBlock(ch, width, g))
                 ch = width
             last = i == len(widths) - 1
-            self.down_blocks.append(Level(resnets, None if last else Downsample(ch), "downsamplers"))
+            self.down_blocks.append(EncoderLevel(resnets, None if last else VAEDownsample(ch)))
         self.mid_block = MidBlock(ch, g, c.mid_attention)
         self.conv_norm_out = nn.GroupNorm(g, ch, eps=NORM_EPS)
         self.conv_out = nn.Conv2d(ch, 2 * c.latent_channels, 3, padding=1)
@@ -279,7 +259,7 @@ class Decoder(nn.Module):
                 resnets.append(ResnetBlock(ch, width, g))
                 ch = width
             last = i == len(widths) - 1
-            self.up_blocks.append(Level(resnets, None if last else Upsample(ch), "upsamplers"))
+            self.up_blocks.append(DecoderLevel(resnets, None if last else VAEUpsample(ch)))
         self.conv_norm_out = nn.GroupNorm(g, ch, eps=NORM_EPS)
         self.conv_out = nn.Conv2d(ch, c.in_channels, 3, padding=1)
 

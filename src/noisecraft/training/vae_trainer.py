@@ -23,7 +23,7 @@ diffusion multiplies latents by so that they have unit variance.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,7 +37,7 @@ from ..io.checkpoint import load_weights, save_json, save_weights
 from ..io.csv_log import append_row
 from ..models.vae import AutoencoderKL, VAEConfig
 from ..models.vae_loading import KIND, latent_scaling_factor, reconstruction_psnr
-from ..settings import check_number, settings_from_dict
+from ..settings import check_fields, settings_from_dict, settings_to_dict
 from .loop import TrainingDiverged, TrainingLoop
 
 CONFIG_VERSION = 1
@@ -49,17 +49,17 @@ RECON_LOSSES = ("l1", "l2")
 @dataclass
 class VAETrainConfig:
     batch_size: int = 32
-    lr: float = 1e-3
-    warmup_steps: int = 100
+    lr: float = 1e-3                  # AdamW's peak learning rate
+    warmup_steps: int = 100           # linear warm-up to lr
     lr_decay: bool = True             # cosine decay to 10% of lr over the budget (steps or minutes)
     weight_decay: float = 0.0
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0            # gradient norm clipping
     steps: int | None = None          # budget: total steps and/or minutes, whichever ends first
     minutes: float | None = None
     seed: int = 0
     loss: str = "l1"                  # reconstruction loss: l1 | l2
-    kl_weight: float = 1e-6
-    gan: bool = False
+    kl_weight: float = 1e-6           # weight of KL(q(z|x) ‖ N(0, I)) per pixel (SD's value)
+    gan: bool = False                 # add a PatchGAN discriminator's hinge loss
     gan_weight: float = 0.1
     gan_start: int = 1000             # steps of plain reconstruction before the discriminator joins
     log_every: int = 25
@@ -67,25 +67,29 @@ class VAETrainConfig:
     scale_images: int = 4096          # training images whose sampled latents set the scaling factor
     eval_images: int | None = None    # test images for the PSNR (None: the whole split)
 
+    RULES = (   # field, type, allowed values, None allowed (settings.check_fields)
+        ("batch_size", "int", "[1, inf)", False),
+        ("lr", "float", "[0, inf)", False),
+        ("warmup_steps", "int", "[0, inf)", False),
+        ("lr_decay", "bool", None, False),
+        ("weight_decay", "float", "[0, inf)", False),
+        ("grad_clip", "float", "[0, inf)", False),
+        ("steps", "int", "[1, inf)", True),
+        ("minutes", "float", "[0, inf)", True),
+        ("seed", "int", "[0, inf)", False),
+        ("loss", "str", RECON_LOSSES, False),
+        ("kl_weight", "float", "[0, inf)", False),
+        ("gan", "bool", None, False),
+        ("gan_weight", "float", "[0, inf)", False),
+        ("gan_start", "int", "[0, inf)", False),
+        ("log_every", "int", "[0, inf)", False),
+        ("checkpoint_every", "int", "[0, inf)", False),
+        ("scale_images", "int", "[1, inf)", False),
+        ("eval_images", "int", "[1, inf)", True),
+    )
+
     def __post_init__(self):
-        s = "vae train"
-        check_number(s, "batch_size", self.batch_size, lo=1, integer=True)
-        check_number(s, "lr", self.lr, lo=0)
-        check_number(s, "warmup_steps", self.warmup_steps, lo=0, integer=True)
-        check_number(s, "weight_decay", self.weight_decay, lo=0)
-        check_number(s, "grad_clip", self.grad_clip, lo=0)
-        check_number(s, "steps", self.steps, lo=1, integer=True, allow_none=True)
-        check_number(s, "minutes", self.minutes, lo=0, allow_none=True)
-        check_number(s, "seed", self.seed, lo=0, integer=True)
-        check_number(s, "kl_weight", self.kl_weight, lo=0)
-        check_number(s, "gan_weight", self.gan_weight, lo=0)
-        check_number(s, "gan_start", self.gan_start, lo=0, integer=True)
-        for name in ("log_every", "checkpoint_every"):
-            check_number(s, name, getattr(self, name), lo=0, integer=True)
-        check_number(s, "scale_images", self.scale_images, lo=1, integer=True)
-        check_number(s, "eval_images", self.eval_images, lo=1, integer=True, allow_none=True)
-        if self.loss not in RECON_LOSSES:
-            raise NoisecraftError(f"unknown reconstruction loss {self.loss!r}; choose l1 or l2.")
+        check_fields(self, self.RULES, "VAE training")
 
     @classmethod
     def from_dict(cls, data: dict) -> "VAETrainConfig":
@@ -251,7 +255,7 @@ class VAETrainer:
             "kind": KIND,
             "version": CONFIG_VERSION,
             "model": self.model_config.to_dict(),
-            "train": asdict(self.config),
+            "train": settings_to_dict(self.config),
             "data": {"dataset": self.dataset.name, "image_shape": [c, h, w]},
             "scaling_factor": scaling_factor,
             "metrics": metrics or {"step": self.step, "complete": False},
