@@ -113,25 +113,9 @@ def _either(choices) -> str:
     return ", ".join(choices[:-1]) + " or " + choices[-1] if len(choices) > 1 else choices[0]
 
 
-def check_number(section: str, name: str, value, lo=None, hi=None, integer=False, allow_none=False):
-    """One number at a time (the VDM trainer's config; the others use check_fields)."""
-    if value is None and allow_none:
-        return
-    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok_type:
-        kind = "an integer" if integer else "a number"
-        raise NoisecraftError(f"{section}.{name} must be {kind}, got {_short(value)}.")
-    if not math.isfinite(value):   # NaN passes every comparison below, and inf is never a useful setting
-        raise NoisecraftError(f"{section}.{name} must be a finite number, got {value!r}.")
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        bounds = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise NoisecraftError(f"{section}.{name} must be {bounds}, got {value!r}.")
-
-
 # Upper bounds that no real run comes near; they turn a corrupted or hostile config into a clear error before
 # anything is allocated (a schedule of 10^12 steps, a 10^9-channel image).
 MAX_CHANNELS = 1024
-
 MAX_VALUES_PER_IMAGE = 2 ** 28     # C·H·W: a 16384×16384 grey image or a 9459×9459 RGB one
 
 

@@ -33,7 +33,7 @@ from ..io.checkpoint import load_kind_config, load_weights, save_json, save_weig
 from ..io.csv_log import append_row, truncate_log
 from ..models.unet import UNetConfig
 from ..models.vdm import VDM, VDMConfig
-from ..settings import check_data_section, check_number, settings_from_dict
+from ..settings import check_data_section, check_fields, settings_from_dict
 from .ema import EMA
 from .loop import TrainingDiverged, TrainingLoop
 from .state import (
@@ -63,18 +63,21 @@ class VDMTrainConfig:
     log_every: int = 1                # a CSV row every N steps (averaged over them); 0: none
     checkpoint_every: int = 500       # 0: only at the end
 
+    RULES = (   # field, type, allowed values, None allowed (settings.check_fields)
+        ("batch_size", "int", "[1, inf)", False),
+        ("lr", "float", "[0, inf)", False),
+        ("warmup_steps", "int", "[0, inf)", False),
+        ("grad_clip", "float", "[0, inf)", False),
+        ("ema_decay", "float", "[0, 1]", False),
+        ("steps", "int", "[1, inf)", True),
+        ("minutes", "float", "[0, inf)", True),
+        ("seed", "int", "[0, inf)", False),
+        ("log_every", "int", "[0, inf)", False),
+        ("checkpoint_every", "int", "[0, inf)", False),
+    )
+
     def __post_init__(self):
-        s = "vdm train"
-        check_number(s, "batch_size", self.batch_size, lo=1, integer=True)
-        check_number(s, "lr", self.lr, lo=0)
-        check_number(s, "warmup_steps", self.warmup_steps, lo=0, integer=True)
-        check_number(s, "grad_clip", self.grad_clip, lo=0)
-        check_number(s, "ema_decay", self.ema_decay, lo=0, hi=1)
-        check_number(s, "steps", self.steps, lo=1, integer=True, allow_none=True)
-        check_number(s, "minutes", self.minutes, lo=0, allow_none=True)
-        check_number(s, "seed", self.seed, lo=0, integer=True)
-        check_number(s, "log_every", self.log_every, lo=0, integer=True)
-        check_number(s, "checkpoint_every", self.checkpoint_every, lo=0, integer=True)
+        check_fields(self, self.RULES, "VDM training")
 
     @classmethod
     def from_dict(cls, data: dict) -> "VDMTrainConfig":
