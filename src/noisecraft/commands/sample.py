@@ -123,8 +123,9 @@ def _write_results(result, args) -> list:
 
 
 def _need_output(args) -> None:
-    if not (args.out or args.grid or args.gif):
-        raise NoisecraftError("say what to write: --out samples.npz, --grid grid.png and/or --gif denoise.gif.")
+    if not (args.out or args.grid or args.gif or getattr(args, "png_dir", None)):
+        raise NoisecraftError("say what to write: --out samples.npz, --grid grid.png, --gif denoise.gif and/or "
+                              "--png-dir DIR.")
 
 
 def _load_pipeline(args):
@@ -177,7 +178,7 @@ def _write_steps(result, args) -> list:
     from ..viz.images import save_grid
     if not args.save_every or not result.trajectory:
         return []
-    base = Path(args.grid or args.out or args.gif)
+    base = Path(args.grid or args.out or args.gif or getattr(args, "png_dir", None))
     folder = Path(args.steps_dir) if getattr(args, "steps_dir", None) else base.with_name(base.stem + "_steps")
     written = []
     for info in result.trajectory:
@@ -192,14 +193,103 @@ def _report_memory(memory) -> str:
     return f"; peak memory {format_bytes(memory.peak_total_bytes)} ({memory.method})"
 
 
+# --- parameters in the PNG: --png-dir writes them, --from-png reads them back (io/png_params.py) ---------------
+
+_FROM_PNG = ("sampler", "steps", "guidance", "spacing", "eta", "variance", "label", "negative_label", "prompt",
+             "negative_prompt", "height", "width", "dtype", "model_config", "mix_prompt")
+MAX_REDRAWN_BATCH = 256     # --from-png redraws the picture's batch up to this size (a hostile PNG cannot ask more)
+
+
+def _restore_from_png(args) -> None:
+    """--from-png: every setting the picture carries, for what the flags leave open. Without --seed and --n, the
+    picture's batch is drawn again (the same picture bit for bit) and only it is kept; else image i's seed, seed + i."""
+    from ..io.png_params import image_seed, read_png_params
+    params = read_png_params(args.from_png)
+    if params.get("job") not in (None, "sample", "txt2img"):
+        raise NoisecraftError(f"{args.from_png} was made by {params['job']}, which starts from an input image; "
+                              f"run noisecraft {params['job']} with that image instead.")
+    if not (args.run or args.model):
+        model = params.get("model")
+        if not model or not Path(model).exists():
+            raise NoisecraftError(f"the model that drew {args.from_png} ({model or 'not named'}) is not here; give "
+                                  "it as RUN or --model.")
+        args.run = model
+    if args.mix_prompt is None and params.get("mix_prompt") is not None:
+        args.mix = params.get("mix", args.mix)
+        args.mix_tokens = params.get("mix_tokens", args.mix_tokens)
+    for key in _FROM_PNG:
+        if getattr(args, key, None) is None and params.get(key) is not None:
+            setattr(args, key, params[key])
+    args.karras = args.karras or bool(params.get("karras"))
+    args.vae_tiling = args.vae_tiling or bool(params.get("vae_tiling"))
+    n, size, index = params.get("n"), params.get("batch_size"), params.get("index") or 0
+    if args.seed is None and args.n is None and n and size and 0 <= index < n:
+        # its own batch again, keeping only this picture: batched kernels round differently for other batch sizes
+        start = index // size * size
+        count = min(size, n - start)
+        if 1 < count <= MAX_REDRAWN_BATCH:
+            args.seed, args.n, args.batch_size, args.keep_index = params.get("seed", 0) + start, count, count, \
+                index - start
+    if args.seed is None:
+        args.seed = image_seed(params)
+    if params.get("guide") and not args.guide:   # code named inside a picture is never imported
+        print(f"note: {args.from_png} was drawn with loss guidance (--guide {params['guide']}); give --guide again "
+              "to reproduce it.", file=sys.stderr)
+
+
+def _write_pngs(pipe, result, args, job: str) -> list:
+    """--png-dir DIR: each image as DIR/{i:05d}-{seed+i}.png carrying the parameters that reproduce it."""
+    if not getattr(args, "png_dir", None):
+        return []
+    from ..io.png_params import write_png
+    from ..viz.images import to_uint8
+    model = getattr(args, "model", None) or args.run
+    params = dict(model=str(Path(model).resolve()), job=job, **pipe.defaults.resolve(args.sampler, args.steps,
+                  args.guidance, args.spacing), eta=args.eta, variance=args.variance, karras=args.karras or None,
+                  seed=args.seed, prompt=args.prompt if isinstance(args.prompt, str) else None,
+                  negative_prompt=args.negative_prompt, negative_label=args.negative_label,
+                  height=int(result.images.shape[-2]), width=int(result.images.shape[-1]), dtype=args.dtype,
+                  model_config=args.model_config, vae_tiling=args.vae_tiling or None, n=args.n,
+                  batch_size=min(args.batch_size, args.n))
+    if args.mix_prompt is not None:
+        params.update(mix_prompt=args.mix_prompt, mix=args.mix, mix_tokens=args.mix_tokens)
+    if args.guide:
+        params.update(guide=args.guide, guide_scale=args.guide_scale, guide_every=args.guide_every,
+                      guide_mode=args.guide_mode, guide_max_sigma=args.guide_max_sigma)
+    folder, offset = Path(args.png_dir), getattr(args, "keep_index", 0)
+    for i, image in enumerate(to_uint8(result.images)):
+        label = int(result.labels[i]) if result.labels is not None else args.label
+        index = offset + i
+        write_png(folder / f"{index:05d}-{args.seed + index}.png", image, {**params, "index": index, "label": label})
+    return [folder]
+
+
+def _keep_one(result, k: int):
+    """--from-png redrew a batch: keep its picture k (and its trajectory)."""
+    from dataclasses import replace
+
+    def part(v):
+        return v[k:k + 1] if hasattr(v, "shape") and v.ndim and v.shape[0] > k else v
+    labels = None if result.labels is None else result.labels[k:k + 1]
+    return replace(result, images=result.images[k:k + 1], labels=labels,
+                   trajectory=[{key: part(v) for key, v in info.items()} for info in result.trajectory])
+
+
 def cmd_sample(args) -> int:
     from ..memory import PeakMemory
 
+    if getattr(args, "from_png", None):
+        _restore_from_png(args)
+    args.seed = 0 if args.seed is None else args.seed
+    args.n = args.n or (1 if getattr(args, "from_png", None) else 64)
     _need_output(args)
     with PeakMemory(args.device) as memory:
         pipe = _load_pipeline(args)
         result, seconds = _draw(pipe, args)
-    written = _write_results(result, args) + _write_steps(result, args)
+    if getattr(args, "keep_index", None) is not None:
+        result = _keep_one(result, args.keep_index)
+    written = (_write_results(result, args) + _write_steps(result, args)
+               + _write_pngs(pipe, result, args, "txt2img" if args.prompt is not None else "sample"))
     print(f"{args.n} samples in {seconds:.1f} s ({seconds / args.n * 1000:.1f} ms/image); wrote "
           + ", ".join(str(p) for p in written) + _report_memory(memory))
     return 0
@@ -225,6 +315,7 @@ def _draw(pipe, args):
 def cmd_txt2img(args) -> int:
     """`sample` for text-conditional runs, with the prompt as the second positional argument."""
     args.prompt = args.text
+    args.n = args.n or 16
     return cmd_sample(args)
 
 
@@ -233,6 +324,7 @@ def _edit(args, job: str) -> int:
     from ..io.images import load_images, load_mask
 
     _need_output(args)
+    args.seed = 0 if args.seed is None else args.seed
     pipe = _load_pipeline(args)
     channels = pipe.image_shape[0]
     if args.height or args.width:
@@ -348,7 +440,8 @@ def add_sampling_args(q, outputs: bool = True) -> None:
                    help="keep x_t and x0_hat every k steps; written (decoded) as PNGs into --steps-dir")
     q.add_argument("--device", default="cpu")
     if outputs:
-        q.add_argument("--seed", type=int, default=0)
+        q.add_argument("--seed", type=int, default=None, help="seed of the first image; image i uses seed + i "
+                                                                   "(default 0)")
         q.add_argument("--label", type=int, default=None, help="class to draw (conditional runs)")
         q.add_argument("--prompt", default=None, help="what to draw (text-conditional runs)")
         q.add_argument("--batch-size", type=positive_int, default=250)
@@ -365,20 +458,30 @@ def add_sampling_args(q, outputs: bool = True) -> None:
                             "(useful with --guide-mode score)")
 
 
+def _add_png_args(q) -> None:
+    q.add_argument("--png-dir", default=None, metavar="DIR",
+                   help="also write each image as its own PNG carrying its generation parameters")
+
+
 def add_parsers(sub) -> None:
     s = sub.add_parser("sample", help="draw samples from a trained run (with optional guidance)")
     add_sampling_args(s)
-    s.add_argument("--n", type=positive_int, default=64)
+    s.add_argument("--n", type=positive_int, default=None, help="images to draw (default 64; 1 with --from-png)")
+    s.add_argument("--from-png", default=None, metavar="PNG",
+                   help="restore every setting from a PNG written with --png-dir (or by the UI, or AUTOMATIC1111); "
+                        "flags given explicitly override")
     # DDPM with 10 steps: on the 20-minute MNIST run it beat DDIM-50 (domain score 5.3 vs 9.6, n=200) at a fifth
     # of the cost — 1000 samples in 42 s on 2 cores (README, "sample quality vs network evaluations").
+    _add_png_args(s)
     s.set_defaults(func=cmd_sample)
 
     x = sub.add_parser("txt2img", help="draw images from a prompt (text-conditional runs)")
     add_sampling_args(x)
     x.add_argument("text", metavar="PROMPT", help='what to draw, e.g. "a pair of trousers"')
-    x.add_argument("--n", type=positive_int, default=16)
+    x.add_argument("--n", type=positive_int, default=None, help="images to draw (default 16)")
     # Sampler, steps and guidance: the model's own defaults (30 DDPM steps at guidance 4 for our runs; LMS, 50
     # steps, guidance 7.5 for Stable Diffusion), unless given.
+    _add_png_args(x)
     x.set_defaults(func=cmd_txt2img)
 
     e = sub.add_parser("img2img", help="edit images (SDEdit): noise them to --strength and denoise")
