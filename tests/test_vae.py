@@ -343,11 +343,10 @@ def test_train_vae_command_and_viz_latents(_one_thread, tmp_path, capsys):
 
     digit = np.asarray(load_dataset("digits", split="test").images[0, 0])
     Image.fromarray(digit).save(tmp_path / "digit.png")
-    args = argparse.Namespace(run=str(tmp_path / "digit.png"), vae=str(out), out=str(tmp_path / "lat.png"),
-                              device="cpu")
-    assert vae_commands.cmd_viz_latents(args) == 0
+    assert parse(["viz", "latents", str(tmp_path / "digit.png"), "--vae", str(out), "--out", str(tmp_path / "lat.png")]) == 0
     assert Image.open(tmp_path / "lat.png").size[0] >= 5 * 64
-    with pytest.raises(NoisecraftError, match="--vae"):
-        vae_commands.cmd_viz_latents(argparse.Namespace(run=str(tmp_path / "digit.png"), vae=None, out=None))
+    capsys.readouterr()
+    assert parse(["viz", "latents", str(tmp_path / "digit.png")]) == 2
+    assert "--vae" in capsys.readouterr().err
     with pytest.raises(NoisecraftError, match="integers"):
         int_list("8,x", "--channels")

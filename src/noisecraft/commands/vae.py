@@ -1,4 +1,4 @@
-"""Autoencoder commands: `noisecraft train-vae` and `noisecraft viz latents`.
+"""Autoencoder commands: `noisecraft train-vae`, and the latent figure that `noisecraft viz latents` draws.
 
     noisecraft train-vae --dataset mnist --out runs/vae-mnist [--minutes 6] [--channels 32,64,64] [--gan]
     noisecraft viz latents IMAGE --vae runs/vae-mnist --out latents.png
@@ -88,24 +88,6 @@ def latent_figure(vae, image, path) -> Path:
     rows = torch.cat([x.unsqueeze(1), channels, recon.unsqueeze(1)], dim=1).cpu()   # N × (L+2) × C × H × W
     captions = ["input"] + [f"z{i}" for i in range(z.shape[1])] + ["recon"]
     return save_strip(rows, path, captions=captions)
-
-
-def cmd_viz_latents(args) -> int:
-    """`noisecraft viz latents IMAGE --vae RUN --out latents.png` (IMAGE: a picture, or an .npz of up to 8 rows)."""
-    from ..io.images import load_images
-    from ..models.vae_loading import load_vae
-
-    image = getattr(args, "image", None) or getattr(args, "run", None)
-    if not image:
-        raise NoisecraftError("viz latents needs an image: noisecraft viz latents IMAGE --vae RUN --out latents.png.")
-    if not getattr(args, "vae", None):
-        raise NoisecraftError("viz latents needs the autoencoder run: add --vae RUN (made by noisecraft train-vae).")
-    vae, _, config = load_vae(args.vae, device=getattr(args, "device", "cpu") or "cpu")
-    c, h, w = config["data"]["image_shape"]
-    images = load_images(image, c, (h, w))[:8]
-    path = latent_figure(vae, images, getattr(args, "out", None) or "latents.png")
-    print(f"wrote {path}")
-    return 0
 
 
 # --- argument parsing -----------------------------------------------------------------------------
