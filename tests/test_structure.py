@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "noisecraft"
 LAYERS = [
     ("errors",), ("settings", "memory"), ("io",), ("viz",), ("schedule",), ("denoiser",),
     ("likelihood", "likelihood_ode"), ("losses",), ("models",), ("guidance",), ("samplers",), ("config",),
-    ("components",), ("convert",), ("data",), ("training", "evaluation"), ("pipelines",), ("commands",),
+    ("components",), ("convert",), ("data",), ("training", "evaluation"), ("pipelines",), ("ui",), ("commands",),
     ("cli",), ("__main__",),
 ]
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}

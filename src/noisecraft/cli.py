@@ -26,12 +26,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .commands import clip, demo, evaluate, run_eval, sample, sd, train, vae, vdm, viz
+from .commands import clip, demo, evaluate, run_eval, sample, sd, train, ui, vae, vdm, viz
 from .errors import NoisecraftError
 
 # The order of `noisecraft --help`: the story first (demo, train, sample and edit, pictures), then the parts of
 # latent diffusion, Stable Diffusion checkpoints and evaluation.
-COMMAND_FAMILIES = (demo, train, sample, viz, vae, clip, sd, evaluate, run_eval, vdm)
+COMMAND_FAMILIES = (demo, train, sample, viz, vae, clip, sd, evaluate, run_eval, vdm, ui)
 
 
 def build_parser() -> argparse.ArgumentParser:
