@@ -21,12 +21,12 @@ from noisecraft.config import DataConfig, DiffusionConfig, RunConfig, TrainConfi
 from noisecraft.denoiser import Denoiser
 from noisecraft.errors import NoisecraftError
 from noisecraft.guidance.inpainting import InpaintingDenoiser
-from noisecraft.guidance.loss import LossGuidance
+from noisecraft.guidance.loss import LatentSteering, LossGuidance
 from noisecraft.guidance.objectives import brightness, less_blue, match_reference
 from noisecraft.io.checkpoint import save_json, save_weights
 from noisecraft.models.unet import UNet, UNetConfig
 from noisecraft.pipelines.diffusion import DiffusionPipeline
-from noisecraft.samplers import generate
+from noisecraft.samplers import SAMPLERS, generate
 from noisecraft.samplers.control import img2img, interpolate, lerp, slerp, strength_sigmas
 from noisecraft.samplers.steps import discrete_sigmas
 from noisecraft.schedule import NoiseSchedule
@@ -115,6 +115,22 @@ def test_loss_guidance_equations_on_the_analytic_denoiser():
     sig = torch.tensor([0.5, 1.0, 2.0])
     out = LossGuidance(den, brightness, s, mode="x0")(x, sig)
     torch.testing.assert_close(out, den(x, sig) + s, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun", "lms"])
+def test_latent_steering_is_the_tutorials_recipe(sampler):
+    """One step from σ to 0 with the move on: x' = x - k·σ²·∇ℓ(x̂0), then the step with the slope of the unmoved x,
+    so x_next = x' + (0 - σ)·(x - D(x))/σ = D(x) - k·σ²·∇ℓ; ∇ brightness = -1/C. Step 0 is skipped by default."""
+    den, k, sigma = GaussianDenoiser(0.5), 0.1, 2.0
+    x = torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(1)) * sigma
+    sigmas = torch.tensor([sigma, 0.0])
+    steered = SAMPLERS[sampler](den, x, sigmas, steer=LatentSteering(brightness, k, every=1, skip_first=False))
+    # float32: one step of a few operations on values ≤ ~10 → atol 1e-5
+    torch.testing.assert_close(steered, den(x, sigma) + k * sigma**2 / SHAPE[0], rtol=1e-5, atol=1e-5)
+    plain = SAMPLERS[sampler](den, x, sigmas)
+    assert torch.equal(SAMPLERS[sampler](den, x, sigmas, steer=LatentSteering(brightness, k)), plain)   # i = 0
+    with pytest.raises(NoisecraftError, match="steer"):
+        generate(den, (1, *SHAPE), sampler="ddim", steps=3, steer=LatentSteering(brightness, k))
 
 
 def test_loss_guidance_every_k_calls_and_reset():

@@ -168,6 +168,23 @@ def test_loss_guidance_on_the_decoded_image_makes_it_less_blue(sd):
     assert (guided[:, 2] - plain[:, 2]).abs().mean() > (guided[:, :2] - plain[:, :2]).abs().mean()  # mostly blue
 
 
+def test_the_tutorials_blue_loss_recipe_makes_the_decoded_image_bluer(sd):
+    """guide_mode "latents": the latents move by -k·σ²·∇ blue_loss(decode(x̂0)) every 5 steps but the first."""
+    from noisecraft.guidance.objectives import blue_loss
+    pipe = load_pipeline(sd[0])
+    z = _latents(4, (2, 4, 8, 8))
+    settings = dict(prompt=PROMPT, steps=20, noise=z)                         # SD's LMS and w 7.5
+    plain = pipe.sample(2, **settings).images
+    recipe = dict(guide=blue_loss, guide_mode="latents", guide_every=5)
+    bluer = pipe.sample(2, **settings, **recipe, guide_scale=75).images          # the tutorial's k
+    much_bluer = pipe.sample(2, **settings, **recipe, guide_scale=1000).images
+    # the tiny random decoder responds weakly (k = 75 moves the loss by ~0.002), but in the same direction, growing with k
+    assert (blue_loss(much_bluer) < blue_loss(bluer)).all() and (blue_loss(bluer) < blue_loss(plain)).all()
+    assert (blue_loss(much_bluer) < blue_loss(plain) - 0.01).all()
+    with pytest.raises(NoisecraftError, match="steer"):
+        pipe.sample(1, **{**settings, "noise": z[:1]}, sampler="ddim", guide=blue_loss, guide_mode="latents")
+
+
 def test_precision_slicing_and_tiling(sd):
     pipe = load_pipeline(sd[0])
     z = _latents(6, (1, 4, 16, 16))

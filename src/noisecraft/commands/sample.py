@@ -450,9 +450,10 @@ def add_sampling_args(q, outputs: bool = True) -> None:
                             "per sample to push down, e.g. noisecraft.guidance.objectives:brightness")
         q.add_argument("--guide-scale", type=finite_float(), default=0.05, help="loss guidance step size (pixel units)")
         q.add_argument("--guide-every", type=positive_int, default=1, help="apply loss guidance every k denoiser calls")
-        q.add_argument("--guide-mode", default="x0", choices=["x0", "score"],
+        q.add_argument("--guide-mode", default="x0", choices=["x0", "score", "latents"],
                        help="x0: shift x0_hat by the loss gradient (cheap, robust); score: gradient through the "
-                            "network (Universal Guidance, Bansal et al. 2023)")
+                            "network (Universal Guidance, Bansal et al. 2023); latents: the SD tutorials' recipe, "
+                            "x -= scale*sigma^2*grad every --guide-every steps but the first (euler, heun, lms)")
         q.add_argument("--guide-max-sigma", type=finite_float(lo=0), default=None,
                        help="apply loss guidance only at noise levels sigma <= this "
                             "(useful with --guide-mode score)")

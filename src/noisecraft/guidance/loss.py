@@ -105,4 +105,34 @@ class LossGuidance(DenoiserWrapper):
         return (x0 - self.scale * step).detach()
 
 
-__all__ = ["GUIDANCE_MODES", "LossGuidance"]
+__all__ = ["GUIDANCE_MODES", "LatentSteering", "LossGuidance"]
+
+
+class LatentSteering:
+    """The loss guidance of the Stable Diffusion tutorials ("Stable Diffusion Deep Dive", fast.ai 2022), literally:
+    every `every` steps except step 0, the sampler's latents are moved
+
+        x <- x - k·σ²·∇_x ℓ(x̂0),   x̂0 = x - σ·ε̂  with ε̂ held fixed, so that ∇_x ℓ = ∇_{x̂0} ℓ,
+
+    and the sampler then takes its step with the slope ε̂ it computed from the latents *before* the move (the
+    tutorial calls scheduler.step(noise_pred, t, latents) with the old noise_pred and the moved latents).
+    Unlike `LossGuidance`, this changes x between the sampler's steps, not the denoiser's answer, so it is a
+    sampler option (`steer=`), taken by the samplers that integrate a slope: euler, heun, lms. ℓ is applied per
+    image and summed, as a batch of one in the tutorial; k is `scale` (the tutorial: 75 for blue_loss)."""
+
+    def __init__(self, loss_fn: Callable[[torch.Tensor], torch.Tensor], scale: float = 75.0, every: int = 5,
+                 skip_first: bool = True):
+        if not callable(loss_fn):
+            raise NoisecraftError("latent steering needs a loss function loss(x0) -> one value per sample.")
+        if not isinstance(every, int) or every < 1:
+            raise NoisecraftError(f"latent steering every must be a positive integer, got {every!r}.")
+        self.loss_fn, self.scale, self.every, self.skip_first = loss_fn, float(scale), every, skip_first
+
+    def __call__(self, x: torch.Tensor, sigma: float, denoised: torch.Tensor, i: int) -> torch.Tensor:
+        """The latents after step i's move (x itself on the steps that are not steered)."""
+        if i % self.every or (self.skip_first and i == 0):
+            return x
+        with torch.enable_grad():
+            x0 = denoised.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(self.loss_fn(x0).sum(), x0)
+        return x - self.scale * float(sigma) ** 2 * grad.to(x.dtype)

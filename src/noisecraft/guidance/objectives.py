@@ -14,7 +14,7 @@ import torch
 
 from ..errors import NoisecraftError
 
-__all__ = ["brightness", "less_blue", "match_reference"]
+__all__ = ["blue_loss", "brightness", "less_blue", "match_reference"]
 
 
 def brightness(x0: torch.Tensor) -> torch.Tensor:
@@ -28,6 +28,15 @@ def less_blue(x0: torch.Tensor) -> torch.Tensor:
         raise NoisecraftError(f"the less_blue guide needs RGB images (N×3×H×W), got shape {tuple(x0.shape)}; "
                               "use it with a colour model, or try noisecraft.guidance.objectives:brightness.")
     return x0[:, 2].flatten(1).sum(1)
+
+
+def blue_loss(x0: torch.Tensor) -> torch.Tensor:
+    """The tutorials' loss, literally: |blue - 0.9| averaged over the pixels of each image, with the image mapped to
+    [0, 1] as they decode it (x/2 + 0.5). Lower when the picture is bluer. Use it with guide mode "latents" and a
+    scale around 75 to follow the recipe (guidance/loss.py: LatentSteering). Needs RGB images."""
+    if x0.ndim != 4 or x0.shape[1] != 3:
+        raise NoisecraftError(f"the blue_loss guide needs RGB images (N×3×H×W), got shape {tuple(x0.shape)}.")
+    return (x0[:, 2] / 2 + 0.5 - 0.9).abs().flatten(1).mean(1)
 
 
 def match_reference(reference: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:

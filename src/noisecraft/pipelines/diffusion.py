@@ -16,7 +16,7 @@ from ..config import RunConfig, load_run_config
 from ..denoiser import Denoiser, vp_c_in
 from ..errors import NoisecraftError
 from ..guidance.classifier_free import ClassifierFreeGuidance
-from ..guidance.loss import LossGuidance
+from ..guidance.loss import LatentSteering, LossGuidance
 from ..io.checkpoint import load_weights
 from ..memory import physical_memory
 from ..models.unet import UNet
@@ -387,6 +387,8 @@ class DiffusionPipeline:
                                   "use inpaint with an image and a mask.")
         settings = self.defaults.resolve(sampler, steps, guidance, spacing)
         sampler, steps, guidance, spacing = (settings[k] for k in ("sampler", "steps", "guidance", "spacing"))
+        guide, options = self._steering({"guide": guide, "guide_scale": guide_scale, "guide_every": guide_every,
+                                         "guide_mode": guide_mode}, options)
         shape = self.shape_for(height, width)
         if noise is not None and (noise.ndim != 4 or tuple(noise.shape) != (n, *shape)):
             raise NoisecraftError(f"noise must have shape {n}×{'×'.join(map(str, shape))}, got {tuple(noise.shape)}.")
@@ -489,7 +491,20 @@ class DiffusionPipeline:
     def _resolve(self, sampler, steps, spacing, kwargs: dict):
         """img2img / inpaint: the model's defaults for what was left at None (guidance travels in kwargs)."""
         settings = self.defaults.resolve(sampler, steps, kwargs.get("guidance"), spacing)
-        return settings["sampler"], settings["steps"], settings["spacing"], {**kwargs, "guidance": settings["guidance"]}
+        kwargs = {**kwargs, "guidance": settings["guidance"]}
+        kwargs["guide"], kwargs = self._steering(kwargs, kwargs)
+        return settings["sampler"], settings["steps"], settings["spacing"], kwargs
+
+    def _steering(self, guides: dict, options: dict):
+        """guide_mode "latents" (the tutorials' recipe, guidance/loss.py: LatentSteering) moves the sampler's x
+        between steps instead of wrapping the denoiser: it becomes the sampler option `steer`, with the loss seeing
+        the decoded image in a latent run. Returns (the guide left for the denoiser, the options)."""
+        guide = guides.get("guide")
+        if guide is None or guides.get("guide_mode") != "latents":
+            return guide, options
+        loss = guide if self.vae is None else (lambda z0: guide(self.decode(z0)))
+        steering = LatentSteering(loss, guides.get("guide_scale", 1.0), guides.get("guide_every", 1))
+        return None, {**options, "steer": steering}
 
     _RUN_KEYS = ("label", "negative_label", "prompt", "negative_prompt", "save_every", "batch_size", "progress",
                  "guidance", "guide", "guide_scale", "guide_every", "guide_mode", "guide_max_sigma", "on_step")

@@ -62,9 +62,10 @@ def check_churn(s_churn: float, s_noise: float) -> None:
 
 
 def edm_sampler(denoiser, x, sigmas, *, cond, generator, callback, s_churn: float, s_tmin: float, s_tmax: float,
-                s_noise: float, heun: bool) -> torch.Tensor:
+                s_noise: float, heun: bool, steer=None) -> torch.Tensor:
     """EDM Algorithm 2 line by line: churn (lines 4-6), the Euler step of dx/dσ (lines 7-8) and, with heun=True
-    and σ_next > 0, the trapezoidal correction with the slope at σ_next (lines 9-11)."""
+    and σ_next > 0, the trapezoidal correction with the slope at σ_next (lines 9-11). steer(x, σ, x̂0, i), if given,
+    moves x after the slope is taken (guidance/loss.py: LatentSteering, the tutorials' recipe)."""
     check_churn(s_churn, s_noise)
     steps = len(sigmas) - 1
     for i, sigma, sigma_next in sigma_steps(sigmas):
@@ -72,6 +73,8 @@ def edm_sampler(denoiser, x, sigmas, *, cond, generator, callback, s_churn: floa
         denoised = denoiser(x, sigma_hat, cond)
         report(callback, i, x, sigma_hat, sigma_next, denoised)
         d = to_d(x, denoised, sigma_hat)
+        if steer is not None:
+            x = steer(x, sigma_hat, denoised, i)
         dt = sigma_next - sigma_hat
         x_euler = x + dt * d
         if heun and sigma_next != 0:
@@ -84,13 +87,13 @@ def edm_sampler(denoiser, x, sigmas, *, cond, generator, callback, s_churn: floa
 
 @torch.no_grad()
 def sample_euler(denoiser, x, sigmas, *, cond=None, generator=None, callback=None, s_churn: float = 0.0,
-                 s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0):
+                 s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0, steer=None):
     """Euler on the probability-flow ODE (EDM Algorithm 2 without the Heun correction).
 
     s_churn > 0 adds EDM's churn noise (see the module docstring); s_churn = 0 is deterministic.
     """
     return edm_sampler(denoiser, x, sigmas, cond=cond, generator=generator, callback=callback, s_churn=s_churn,
-                       s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise, heun=False)
+                       s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise, heun=False, steer=steer)
 
 
 @torch.no_grad()

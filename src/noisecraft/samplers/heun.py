@@ -21,7 +21,7 @@ from .euler import edm_sampler
 
 @torch.no_grad()
 def sample_heun(denoiser, x, sigmas, *, cond=None, generator=None, callback=None, s_churn: float = 0.0,
-                s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0):
+                s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0, steer=None):
     """EDM's Heun sampler (Algorithm 2)."""
     return edm_sampler(denoiser, x, sigmas, cond=cond, generator=generator, callback=callback, s_churn=s_churn,
-                       s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise, heun=True)
+                       s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise, heun=True, steer=steer)

@@ -41,8 +41,9 @@ def lms_coefficients(sigmas: list[float], i: int, order: int) -> list[float]:
 
 
 @torch.no_grad()
-def sample_lms(denoiser, x, sigmas, *, cond=None, generator=None, callback=None, order: int = 4):
-    """Linear multistep of up to `order` (1..4) past slopes, with exact variable-step coefficients."""
+def sample_lms(denoiser, x, sigmas, *, cond=None, generator=None, callback=None, order: int = 4, steer=None):
+    """Linear multistep of up to `order` (1..4) past slopes, with exact variable-step coefficients. steer(x, σ, x̂0, i),
+    if given, moves x after the slope is taken (guidance/loss.py: LatentSteering, the tutorials' recipe)."""
     if order not in (1, 2, 3, 4):
         raise NoisecraftError(f"LMS order must be 1, 2, 3 or 4, got {order!r}.")
     sigma_list = [float(s) for s in sigmas]
@@ -51,6 +52,8 @@ def sample_lms(denoiser, x, sigmas, *, cond=None, generator=None, callback=None,
         denoised = denoiser(x, sigma, cond)
         report(callback, i, x, sigma, sigma_next, denoised)
         slopes = [to_d(x, denoised, sigma)] + slopes[:order - 1]
+        if steer is not None:
+            x = steer(x, sigma, denoised, i)
         coefficients = lms_coefficients(sigma_list, i, len(slopes))
         x = x + sum(c * d for c, d in zip(coefficients, slopes))
     return x
