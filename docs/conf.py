@@ -28,7 +28,7 @@ extensions = [
     "cli_reference",
 ]
 source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
-exclude_patterns = ["_build", "_generated/run", "notebooks/*.py", "notebooks/*.ipynb", "README.md"]
+exclude_patterns = ["_build", "_generated/run", "_generated/vae", "notebooks/*.py", "notebooks/*.ipynb", "README.md"]
 myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence", "deflist"]
 myst_heading_anchors = 3
 

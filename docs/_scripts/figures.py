@@ -133,23 +133,29 @@ def training_step(out: Path) -> None:
 
 
 def tiny_run(out: Path) -> Path:
-    """A small ε-prediction U-Net trained on the digits for TRAIN_STEPS steps (cached in OUT/run)."""
+    """A small class-conditional ε-prediction U-Net trained on the digits for TRAIN_STEPS steps, the label dropped
+    to the null class for 20% of the images so that it is also an unconditional model (cached in OUT/run). The
+    unconditional figures sample it with no label."""
+    import json
+
     from noisecraft.config import DataConfig, DiffusionConfig, RunConfig, TrainConfig
     from noisecraft.data.datasets import load_dataset
     from noisecraft.models.unet import UNetConfig
     from noisecraft.training.trainer import Trainer
 
     run = out / "run"
-    if (run / "model.safetensors").is_file():
+    if (run / "model.safetensors").is_file() and (run / "config.json").is_file() and \
+            json.loads((run / "config.json").read_text())["data"].get("conditional"):
         return run
     dataset = load_dataset("digits", split="train")
     config = RunConfig(
         model=UNetConfig(in_channels=1, base_channels=16, channel_mults=(1, 2), num_res_blocks=1,
-                         attention_levels=(1,), dropout=0.0),
+                         attention_levels=(1,), dropout=0.0, num_classes=dataset.num_classes),
         diffusion=DiffusionConfig(schedule="cosine", prediction="eps", min_snr_gamma=5.0),
         train=TrainConfig(batch_size=32, lr=3e-3, warmup_steps=50, ema_decay=0.99, steps=TRAIN_STEPS,
-                          sample_every=0, checkpoint_every=0, seed=0),
-        data=DataConfig(dataset="digits", image_shape=tuple(dataset.image_shape), class_names=dataset.class_names),
+                          sample_every=0, checkpoint_every=0, seed=0, label_dropout=0.2),
+        data=DataConfig(dataset="digits", image_shape=tuple(dataset.image_shape), class_names=dataset.class_names,
+                        conditional=True),
     )
     Trainer(config, dataset, run, progress=False).fit()
     return run
@@ -182,8 +188,127 @@ def denoise_and_sample(out: Path, run: Path) -> None:
                                                 for k in (0.02, 0.05, 0.1)]
     save_strip(torch.stack(guided), out / "loss_guidance_brightness.png",
                rows=["no guide", "scale 0.02", "scale 0.05", "scale 0.1"])
+    # the tutorials' recipe (guide mode "latents"): LMS, the latents moved by -k·σ²·∇ℓ every 5 steps but the first
+    steered = [pipe.sample(8, sampler="lms", steps=10, seed=0).images] + [
+        pipe.sample(8, sampler="lms", steps=10, seed=0, guide=brightness, guide_mode="latents", guide_scale=k,
+                    guide_every=5).images for k in (0.1, 0.3, 1.0)]
+    save_strip(torch.stack(steered), out / "latent_steering_brightness.png",
+               rows=["LMS, no guide", "k = 0.1", "k = 0.3", "k = 1"])
     result = pipe.sample(1, sampler="ddpm", steps=10, seed=0, save_every=1)
     reverse_pictures(result.trajectory, out / "reverse_ddpm.png")
+
+
+def classifier_free(out: Path, run: Path) -> None:
+    """Chapter 9: the same seeds and labels 0..7 at w = 1 (no guidance), 2 and 4, and w = 0 (unconditional)."""
+    from noisecraft.pipelines.diffusion import DiffusionPipeline
+    from noisecraft.viz.images import save_strip
+
+    pipe = DiffusionPipeline.from_run(run)
+    labels = torch.arange(8)
+    rows = [pipe.sample(8, sampler="ddim", steps=20, seed=0).images]
+    rows += [pipe.sample(8, sampler="ddim", steps=20, seed=0, label=labels, guidance=w).images for w in (1.0, 2.0, 4.0)]
+    save_strip(torch.stack(rows), out / "cfg_digits.png", rows=["no label", "w = 1", "w = 2", "w = 4"])
+
+
+def latent_channels(out: Path) -> None:
+    """Chapter 7: `noisecraft train-vae` on the digits (a few hundred steps, in-process and quiet), then
+    `noisecraft viz latents` on four test digits: each row the input, its four latent channels and the reconstruction."""
+    import numpy as np
+
+    from noisecraft.data.datasets import load_dataset
+    from noisecraft.models.vae import VAEConfig
+    from noisecraft.training.vae_trainer import VAETrainConfig, VAETrainer
+
+    if (out / "latents_digits.png").is_file() and (out / "latents_digits.txt").is_file():
+        return
+    run = out / "vae"
+    train, test = load_dataset("digits", split="train"), load_dataset("digits", split="test")
+    if not (run / "model.safetensors").is_file():
+        import contextlib
+        import io
+
+        trainer = VAETrainer(VAEConfig(in_channels=1, latent_channels=4, block_out_channels=(16, 32, 32),
+                                       layers_per_block=1, norm_groups=8),
+                             VAETrainConfig(steps=ELBO_STEPS, lr=2e-3, warmup_steps=20, checkpoint_every=0,
+                                            scale_images=512, eval_images=256),
+                             train, run, test_dataset=test, progress=False)
+        with contextlib.redirect_stdout(io.StringIO()):
+            summary = trainer.fit()
+        (run / "summary.txt").write_text(f"{summary['psnr']:.2f} {summary['scaling_factor']:.5f}\n")
+    psnr, scale = (run / "summary.txt").read_text().split()
+    x, _ = test.batch(torch.arange(4))
+    images = ((x.permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+    np.savez(out / "digits4.npz", images=images)
+    _command(["viz", "latents", str(out / "digits4.npz"), "--vae", str(run), "--out", str(out / "latents_digits.png")])
+    (out / "latents_digits.txt").write_text(
+        f"autoencoder: 1×16×16 digits -> latents 4×4×4 (3 levels of 16, 32, 32 channels), {ELBO_STEPS} steps\n"
+        f"reconstruction PSNR on 256 test digits: {psnr} dB\n"
+        f"latent scaling factor s = 1 / std(z): {scale}   (SD 1.x: 0.18215)\n", encoding="utf-8")
+
+
+def cross_attention(out: Path) -> None:
+    """Chapter 8: the attention weights softmax(QKᵀ/√d) of the first cross-attention layer of a tiny
+    text-conditional U-Net with random weights, for one prompt, one map per token (mean over heads): Q comes from
+    the noisy digit's feature map, K and V from the text encoder's per-token output."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    from noisecraft.data.datasets import load_dataset
+    from noisecraft.models.clip import CLIPTextConfig, CLIPTextTransformer
+    from noisecraft.models.tokenizer import CLIPTokenizer
+    from noisecraft.models.unet import UNet, UNetConfig
+    from noisecraft.schedule import NoiseSchedule
+
+    torch.manual_seed(0)
+    tok = CLIPTokenizer.from_bpe_file()
+    prompt = "a handwritten digit seven"
+    ids = tok([prompt])
+    encoder = CLIPTextTransformer(CLIPTextConfig(width=64, layers=2, heads=4))
+    net = UNet(UNetConfig(in_channels=1, base_channels=16, channel_mults=(1, 2), num_res_blocks=1,
+                          attention_levels=(1,), dropout=0.0, context_dim=64))
+    layer = next(m for m in net.modules() if getattr(m, "attn2", None) is not None).attn2
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen["x"], seen["context"] = args[0], args[1] if len(args) > 1 else kwargs["context"]
+
+    handle = layer.register_forward_pre_hook(grab, with_kwargs=True)
+    test = load_dataset("digits", split="test")
+    x0, _ = test.batch((test.labels == 7).nonzero()[:1, 0])                 # a test seven
+    schedule = NoiseSchedule.create("cosine", 1000)
+    t = torch.tensor([200])
+    with torch.no_grad():
+        context, _ = encoder(ids)
+        xt = schedule.q_sample(x0, t, torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)))
+        net(xt, t, context)
+        handle.remove()
+        q = layer.split_heads(layer.to_q(seen["x"]))                      # B×heads×N×d, N = image positions
+        k = layer.split_heads(layer.to_k(seen["context"]))                # B×heads×77×d
+        weights = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1).mean(1)[0]   # N×77
+    side = int(weights.shape[0] ** 0.5)
+    end = int((ids[0] == 49407).nonzero()[0]) + 1
+    pieces = ["<start>"] + tok.tokenize(prompt) + ["<end>"]
+    fig = Figure(figsize=(1.45 * (end + 1), 2.2), dpi=110)
+    axes = fig.subplots(1, end + 1)
+    axes[0].imshow(xt[0, 0], cmap="gray")
+    axes[0].set_title("x_t (t = 200)", fontsize=8)
+    for j in range(end):
+        axes[j + 1].imshow(weights[:, j].reshape(side, side), cmap="magma", vmin=0, vmax=float(weights[:, :end].max()))
+        axes[j + 1].set_title(f"{pieces[j]!s}\n(id {int(ids[0, j])})", fontsize=8)
+    for ax in axes:
+        ax.axis("off")
+    fig.suptitle(f"cross-attention weights of one layer ({side}×{side} queries × 77 keys), random weights: "
+                 f"mechanics only", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "cross_attention.png")
+    rest = float(weights[:, end:].sum(1).mean())
+    (out / "cross_attention.txt").write_text(
+        f"prompt {prompt!r}: Q {tuple(q.shape)} from the {side}×{side} feature map, K {tuple(k.shape)} from the "
+        f"77 text tokens (batch × heads × tokens × head_dim)\n"
+        f"each query's weights over the 77 keys sum to 1; the {77 - end} padding tokens after <end> take "
+        f"{rest:.0%} of it on average\n", encoding="utf-8")
 
 
 def tokenizer(out: Path) -> None:
@@ -253,8 +378,8 @@ def elbo_vae(out: Path, steps: int | None = None) -> None:
 
 
 STEPS = [("forward", forward), ("photo", photo), ("schedules", schedules), ("posterior", posterior), ("training step", training_step),
-         ("tokenizer", tokenizer),
-         ("ELBO vs SD-style autoencoder", elbo_vae)]
+         ("tokenizer", tokenizer), ("cross-attention", cross_attention),
+         ("ELBO vs SD-style autoencoder", elbo_vae), ("latent channels", latent_channels)]
 
 
 def make_all(out, log=None) -> None:
@@ -271,6 +396,8 @@ def make_all(out, log=None) -> None:
     _log(f"tiny run ({TRAIN_STEPS} steps): {time.time() - start:.1f} s")
     denoise_and_sample(out, run)
     _log(f"denoise step and samplers: {time.time() - start:.1f} s")
+    classifier_free(out, run)
+    _log(f"classifier-free guidance: {time.time() - start:.1f} s")
 
 
 if __name__ == "__main__":
