@@ -205,6 +205,16 @@ def test_precision_slicing_and_tiling(sd):
         pipe.set_precision("int8")
 
 
+def test_prompt_mixing_names_the_tokens_it_blends(sd, tmp_path, capsys):
+    pipe = load_pipeline(sd[0])
+    assert pipe.text_encoder.token_strings("a dog wearing hat") == [
+        "<|startoftext|>", "a</w>", "dog</w>", "wearing</w>", "hat</w>", "<|endoftext|>"]
+    assert main(["txt2img", "--model", str(sd[0]), "a dog wearing hat", "--n", "1", "--steps", "2", "--height", "16",
+                 "--width", "16", "--out", str(tmp_path / "m.npz"), "--mix-prompt", "a cat wearing hat",
+                 "--mix-tokens", "2", "--mix", "1"]) == 0
+    assert "mixing position 2: 'dog</w>' with 'cat</w>' (weight 1)" in capsys.readouterr().out
+
+
 def test_cli_txt2img_convert_and_decoded_steps(sd, tmp_path):
     folder, _ = sd
     grid = tmp_path / "astronaut.png"

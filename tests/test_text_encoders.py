@@ -109,3 +109,4 @@ def test_minilm_alias():
     same = F.cosine_similarity(pooled[0], pooled[1], dim=0)
     other = F.cosine_similarity(pooled[0], pooled[2], dim=0)
     assert same > other + 0.3
+    assert encoder.token_strings("a dog wearing hat") == ["[CLS]", "a", "dog", "wearing", "hat", "[SEP]"]

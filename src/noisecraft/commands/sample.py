@@ -168,7 +168,12 @@ def _mixed_prompt(pipe, args):
         return None
     if args.prompt is None:
         raise NoisecraftError("--mix-prompt blends a second prompt into the first; give the first one too.")
-    return pipe.mix_prompts(args.prompt, args.mix_prompt, args.mix, args.mix_tokens)
+    mixed = pipe.mix_prompts(args.prompt, args.mix_prompt, args.mix, args.mix_tokens)
+    a, b = (pipe.text_encoder.token_strings(p) for p in (args.prompt, args.mix_prompt))
+    for i in args.mix_tokens if args.mix_tokens is not None else range(max(len(a), len(b))):
+        shown = [tokens[i] if i < len(tokens) else "<pad>" for tokens in (a, b)]
+        print(f"mixing position {i}: {shown[0]!r} with {shown[1]!r} (weight {args.mix:g})")
+    return mixed
 
 
 def _write_steps(result, args) -> list:

@@ -420,6 +420,10 @@ class CLIPTextEncoder(TextEncoder):
         self.pooled_dim = config.projection_dim or config.width
         self.max_length = config.max_length
 
+    def token_strings(self, prompt: str) -> list[str]:
+        pieces = self.tokenizer.tokenize(prompt)[:self.max_length - 2]
+        return ["<|startoftext|>", *pieces, "<|endoftext|>"]
+
     def tokenize(self, prompts) -> torch.Tensor:
         """B×max_length ids on the encoder's device."""
         return self.tokenizer(_check_prompts(prompts), max_length=self.max_length).to(self.device)

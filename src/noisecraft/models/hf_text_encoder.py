@@ -71,6 +71,10 @@ class HFTextEncoder(TextEncoder):
         pooled = (tokens * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
         return tokens, pooled
 
+    def token_strings(self, prompt: str) -> list[str]:
+        ids = self.tokenizer(prompt, truncation=True, max_length=self.max_length)["input_ids"]
+        return self.tokenizer.convert_ids_to_tokens(ids)
+
     def save(self, folder: str | Path) -> None:
         """Write text_encoder.json pointing at the source folder (a reference: the weights are not copied)."""
         save_json({"kind": "hf", "path": str(self.path), "max_length": self.max_length},

@@ -38,6 +38,11 @@ class TextEncoder(nn.Module):
         """Write a folder that `load_text_encoder` reads back."""
         raise NotImplementedError
 
+    def token_strings(self, prompt: str) -> list[str]:
+        """The token at each position of the prompt's encoding, special tokens included and padding left out: what
+        position i of the embeddings stands for (prompt mixing names positions)."""
+        raise NotImplementedError
+
     def freeze(self) -> TextEncoder:
         """No gradients and evaluation mode (no dropout), for good: see `train`."""
         self.requires_grad_(False)
