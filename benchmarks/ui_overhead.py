@@ -6,6 +6,8 @@ the gallery thumbnails). The plain path is `pipe.sample(n, sampler=..., steps=..
 pipeline. Both alternate, `--rounds` times; the ratio of the medians is the overhead (goal: <= 1.05). Also reported:
 the time to the first preview event, whether the two paths drew the identical picture, and (`--memory N`) the
 process's resident memory before and after N more UI generations (the gallery keeps paths, not pictures).
+`--preview-every k` asks for a preview every k steps as the page does; the engine throttles them by wall time
+(ui.engine.PREVIEW_MIN_S, PREVIEW_SHARE) and progress events too (PROGRESS_MIN_S).
 
     python benchmarks/ui_overhead.py                       # digits (the default model, 1 training step) + tiny SD
     python benchmarks/ui_overhead.py --run runs/mnist --steps 10 --rounds 9
@@ -67,7 +69,7 @@ def measure(model: Path, steps: int | None, n: int, rounds: int, preview_every: 
         settings = pipe.defaults.resolve(None, steps, None, None)
         job = Job(model=str(model), prompt=prompt, sampler=settings["sampler"], steps=settings["steps"], seed=7, n=n,
                   preview_every=preview_every)
-        plain_kw = dict(sampler=settings["sampler"], steps=settings["steps"], seed=7)
+        plain_kw = {"sampler": settings["sampler"], "steps": settings["steps"], "seed": 7}
         if prompt is not None:
             plain_kw["prompt"] = prompt
 

@@ -1,7 +1,8 @@
 """`noisecraft ui` in a real browser: Debian's chromium, headless, driven by Python Playwright through
 executable_path (Playwright's own browser download does not work offline). Loads the page, generates on a tiny model
 and sees the live preview and the final image, cancels a run, paints a mask and inpaints, and checks that no request
-left 127.0.0.1 (no web fonts, no CDN, no telemetry). Screenshots go to the folder the test prints (or to
+left 127.0.0.1 (no web fonts, no CDN, no telemetry), drops a noisecraft PNG onto the gallery (its settings come back)
+and opens the Train tab. Screenshots go to the folder the test prints (or to
 $NOISECRAFT_UI_SCREENSHOTS)."""
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from test_guidance import write_run
 from test_ui import free_port
 
 from noisecraft.commands.ui import create, launch
+from noisecraft.io.png_params import read_png_params
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or "/usr/bin/chromium"
 if not Path(CHROMIUM).exists():
@@ -91,6 +93,7 @@ def test_page_generate_preview_cancel_and_inpaint(site, browser_page):
 
     # A long run: the live preview appears while it runs, then Cancel stops it.
     set_number(page, "steps", 1000)
+    set_number(page, "batch", 16)               # a tiny model: 16 pictures a step, so the run outlasts the clicks
     page.click("#generate")
     page.wait_for_selector("#preview img", timeout=TIMEOUT)
     wait_status(page, "step ")
@@ -101,6 +104,7 @@ def test_page_generate_preview_cancel_and_inpaint(site, browser_page):
 
     # A short run to the end: the final picture lands in the gallery.
     set_number(page, "steps", 30)
+    set_number(page, "batch", 1)
     page.click("#generate")
     wait_status(page, "done:")
     page.wait_for_selector("#gallery img")
@@ -164,6 +168,50 @@ def test_page_generate_preview_cancel_and_inpaint(site, browser_page):
     page.wait_for_function("document.querySelector('#learn_numbers').innerText.includes('t = 600')", timeout=TIMEOUT)
     page.wait_for_selector("#learn_xt img")
     page.screenshot(path=shots / "7-forward-process.png", full_page=True)
+
+    # Drop a noisecraft PNG onto the gallery: every setting it carries comes back into the Create form.
+    page.get_by_role("tab", name="Create").click()
+    page.get_by_role("tab", name="Generate").click()
+    page.locator("#gallery").wait_for(state="visible")
+    set_number(page, "steps", 3)
+    set_number(page, "seed", 99)
+    dropped = min(p for p in site["outputs"].glob("*.png"))              # the 30-step run's picture
+    params = read_png_params(dropped)
+    previous = status(page)
+    data = list(dropped.read_bytes())
+    transfer = page.evaluate_handle("([bytes, name]) => { const dt = new DataTransfer(); "
+                                    "dt.items.add(new File([new Uint8Array(bytes)], name, {type: 'image/png'})); "
+                                    "return dt; }", [data, dropped.name])
+    page.dispatch_event("#gallery", "dragover", {"dataTransfer": transfer})
+    page.dispatch_event("#gallery", "drop", {"dataTransfer": transfer})
+    page.wait_for_function("([old]) => { const t = document.querySelector('#status').innerText; "
+                           "return t !== old && (t.includes('restored') || t.includes('⚠')); }", arg=[previous],
+                           timeout=TIMEOUT)
+    assert "settings restored" in status(page), status(page)
+    page.wait_for_function(f"document.querySelector('#steps input').value == '{params['steps']}'", timeout=TIMEOUT)
+    seed = int(params["seed"]) + int(params.get("index") or 0)
+    assert page.locator("#seed input").first.input_value() == str(seed)
+    page.screenshot(path=shots / "8-png-dropped-settings-restored.png", full_page=True)
+
+    # Interpolate: a strip from the seed to seed B, shown as one picture.
+    page.get_by_role("tab", name="Interpolate").click()
+    page.locator("#interpolate").wait_for(state="visible")
+    set_number(page, "steps", 5)
+    set_number(page, "seed", 3)
+    previous = status(page)
+    page.click("#interpolate")
+    page.wait_for_function("([old]) => { const t = document.querySelector('#status').innerText; "
+                           "return t !== old && (t.includes('pictures from seed') || t.includes('⚠')); }",
+                           arg=[previous], timeout=TIMEOUT)
+    assert "6 pictures from seed 3 to seed 1" in status(page), status(page)
+    page.wait_for_selector("#strip img")
+    page.screenshot(path=shots / "8b-interpolation-strip.png", full_page=True)
+
+    # Train: the tab renders with its dataset, model kind, minutes and the start button.
+    page.get_by_role("tab", name="Train").click()
+    page.locator("#train-start").wait_for(state="visible")
+    assert page.locator("#train-dataset").is_visible() and page.locator("#train-minutes").is_visible()
+    page.screenshot(path=shots / "9-train-tab.png", full_page=True)
 
     # Nothing left the machine: every request went to the test's own server.
     local = f"http://127.0.0.1:{site['port']}/"

@@ -33,8 +33,9 @@ def _current_umask() -> int:
 _UMASK = _current_umask()
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call `write(tmp)` on a temporary file beside `path`, fsync it, then rename it over `path`.
+def atomic_write(path: str | Path, write: Callable[[Path], None], durable: bool = True) -> Path:
+    """Call `write(tmp)` on a temporary file beside `path`, fsync it (unless durable=False: a file that can be
+    remade, where the fsync would cost more than the work), then rename it over `path`.
 
     The temporary name keeps the target's extension, so writers that infer the format from the name
     (Pillow, matplotlib, numpy) pick the right one. On failure the temporary file is removed.
@@ -45,8 +46,9 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     os.close(fd)
     try:
         write(Path(tmp))
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        if durable:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)     # mkstemp makes 0600 files; give them the usual permissions
         os.replace(tmp, path)
     except BaseException:
@@ -68,9 +70,9 @@ def remove_temp_files(path: str | Path) -> list[Path]:
     return stale
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write bytes to path atomically (temp file + fsync + rename)."""
-    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+def atomic_write_bytes(path: str | Path, data: bytes, durable: bool = True) -> Path:
+    """Write bytes to path atomically (temp file + fsync + rename; no fsync with durable=False)."""
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data), durable)
 
 
 def save_json(obj, path: str | Path) -> Path:

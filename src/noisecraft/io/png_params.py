@@ -131,16 +131,17 @@ def params_json(params: dict) -> str:
                               "numbers and strings.") from None
 
 
-def write_png(path, image_uint8, params: dict) -> Path:
+def write_png(path, image_uint8, params: dict, *, durable: bool = True, compress_level: int = 6) -> Path:
     """Write one H×W×C uint8 image as a PNG (atomically) carrying its generation parameters in the `parameters`
-    (A1111) and `noisecraft` (JSON) text chunks."""
+    (A1111) and `noisecraft` (JSON) text chunks. The UI passes durable=False, compress_level=1: its pictures can be
+    redrawn from their settings, and the fsync alone took longer than a small model's whole generation."""
     from PIL.PngImagePlugin import PngInfo
     info = PngInfo()
     info.add_text(PARAMETERS_KEY, png_parameters_text(params))        # tEXt, or iTXt for non-Latin-1 text
     info.add_itxt(JSON_KEY, params_json(params))                       # UTF-8
     buf = io.BytesIO()
-    _image(image_uint8).save(buf, format="PNG", pnginfo=info)
-    return atomic_write_bytes(path, buf.getvalue())
+    _image(image_uint8).save(buf, format="PNG", pnginfo=info, compress_level=compress_level)
+    return atomic_write_bytes(path, buf.getvalue(), durable)
 
 
 # --- reading -------------------------------------------------------------------------------------

@@ -60,9 +60,9 @@ def build_app(library: ModelLibrary, engine: Engine, threads: tuple[int, int] | 
         return [(entry.label, str(entry.path)) for entry in library.scan()]
 
     def job_from(model, prompt, negative_prompt, label, negative_label, sampler, steps, guidance, eta, seed, batch,
-                 height, width, preview_every, **extra) -> Job:
+                 height, width, preview_every, prompt_b=None, mix=0.0, **extra) -> Job:
         sampler = None if not sampler or sampler == DEFAULT else sampler
-        return Job(model=model, prompt=prompt or None, negative_prompt=negative_prompt or None,
+        return Job(prompt_b=prompt_b or None, mix=float(mix or 0), model=model, prompt=prompt or None, negative_prompt=negative_prompt or None,
                    label=_label_value(label), negative_label=_label_value(negative_label), sampler=sampler,
                    steps=_int_or_none(steps), guidance=None if guidance is None else float(guidance),
                    eta=None if eta is None or float(eta) < 0 else float(eta), seed=-1 if seed is None else int(seed),
@@ -103,9 +103,10 @@ def build_app(library: ModelLibrary, engine: Engine, threads: tuple[int, int] | 
     settings_inputs = []
 
     def generate(model, prompt, negative_prompt, label, negative_label, sampler, steps, guidance, eta, seed, batch,
-                 height, width, preview_every, gallery, request: gr.Request, progress=gr.Progress()):  # noqa: B008 (how Gradio asks for it)
+                 height, width, preview_every, prompt_b, mix, gallery, request: gr.Request,
+                 progress=gr.Progress()):  # noqa: B008 (how Gradio asks for it)
         values = (model, prompt, negative_prompt, label, negative_label, sampler, steps, guidance, eta, seed, batch,
-                  height, width, preview_every)
+                  height, width, preview_every, prompt_b, mix)
         try:
             job = job_from(*values)
         except (NoisecraftError, ValueError, TypeError) as e:
@@ -114,10 +115,10 @@ def build_app(library: ModelLibrary, engine: Engine, threads: tuple[int, int] | 
         yield from stream(job, gallery, request, progress)
 
     def edit(model, prompt, negative_prompt, label, negative_label, sampler, steps, guidance, eta, seed, batch,
-             height, width, preview_every, gallery, editor, mode, strength, request: gr.Request,
+             height, width, preview_every, prompt_b, mix, gallery, editor, mode, strength, request: gr.Request,
              progress=gr.Progress()):  # noqa: B008 (how Gradio asks for it)
         values = (model, prompt, negative_prompt, label, negative_label, sampler, steps, guidance, eta, seed, batch,
-                  height, width, preview_every)
+                  height, width, preview_every, prompt_b, mix)
         try:
             image, mask = editor_arrays(editor)
             kind = "inpaint" if str(mode).lower().startswith("inpaint") else "img2img"
@@ -127,6 +128,38 @@ def build_app(library: ModelLibrary, engine: Engine, threads: tuple[int, int] | 
             return
         yield from stream(job, gallery, request, progress)
 
+    def interpolate(model, prompt, negative_prompt, label, negative_label, sampler, steps, guidance, eta, seed, batch,
+                    height, width, preview_every, prompt_b, mix, seed_b, frames, end_prompt, end_label):
+        """A strip of `frames` pictures from `seed`'s to `seed_b`'s (slerp of the starting noise), the prompt or
+        the class moving too when an end prompt / end label is given (pipe.interpolate_seeds)."""
+        try:
+            job = job_from(model, prompt, negative_prompt, label, negative_label, sampler, steps, guidance, eta, seed,
+                           batch, height, width, 0)
+            pipe = engine.load(job.model)
+            frames = int(frames or 0)
+            if not 2 <= frames <= 16:
+                raise NoisecraftError(f"the strip takes 2 to 16 pictures, got {frames}.")
+            seed_a = max(job.seed, 0)
+            seed_b = int(seed_b if seed_b is not None else seed_a + 1)
+            kw = {"sampler": job.sampler, "steps": job.steps, "guidance": job.guidance, "height": job.height,
+                  "width": job.width}
+            if job.eta is not None and job.sampler and takes_eta(job.sampler):
+                kw["eta"] = job.eta
+            if pipe.takes_prompts:
+                kw.update(prompt=job.prompt or "", negative_prompt=job.negative_prompt,
+                          prompt_b=str(end_prompt) if end_prompt else None)
+            elif job.prompt or end_prompt:
+                raise NoisecraftError("this model is not text-conditional, so it takes no prompt; use the labels.")
+            else:
+                kw.update(label=job.label, negative_label=job.negative_label, label_b=_label_value(end_label))
+            result = pipe.interpolate_seeds(seed_a, seed_b, frames, **kw)
+            strip = interpolation_strip(result.images)
+            end = (f" and from “{job.prompt or ''}” to “{end_prompt}”" if kw.get("prompt_b") else
+                   f" and from label {kw['label']} to {kw['label_b']}" if kw.get("label_b") is not None else "")
+            return strip, _status("ok", f"{frames} pictures from seed {seed_a} to seed {seed_b}{end}.")
+        except Exception as e:      # noqa: BLE001 (a message, never a traceback)
+            return gr.skip(), _status("error", one_sentence(e))
+
     def cancel(request: gr.Request):
         if engine.cancel(_session(request)):
             return _status("cancel", "cancelling… (stops after the current step)")
@@ -134,7 +167,7 @@ def build_app(library: ModelLibrary, engine: Engine, threads: tuple[int, int] | 
 
     def load_model(model):
         """Load the chosen model and fit the form to it."""
-        keep = [gr.skip()] * 11
+        keep = [gr.skip()] * 14
         if not model:
             return [_status("info", f"no model chosen; models are searched under {library.describe()}.")] + keep
         try:
@@ -155,7 +188,8 @@ def build_app(library: ModelLibrary, engine: Engine, threads: tuple[int, int] | 
                 gr.update(visible=bool(classes), choices=labels, value=NONE),
                 gr.update(value=info["sampler"]), gr.update(value=info["steps"]), gr.update(value=info["guidance"]),
                 gr.update(value=info["height"], step=m, minimum=m), gr.update(value=info["width"], step=m, minimum=m),
-                gr.update(visible=takes_eta(info["sampler"])), gr.skip()]
+                gr.update(visible=takes_eta(info["sampler"])), gr.skip(), gr.update(visible=text),
+                gr.update(visible=text), gr.update(visible=bool(classes), choices=labels, value=NONE)]
 
     def refresh():
         choices = model_choices()
@@ -182,7 +216,7 @@ def build_app(library: ModelLibrary, engine: Engine, threads: tuple[int, int] | 
 
     def restore(file):
         """Every setting stored in a PNG noisecraft wrote (or the `parameters` of another tool)."""
-        outputs = 12
+        outputs = 14
         if file is None:
             return [gr.skip()] * outputs
         try:
@@ -206,7 +240,7 @@ def build_app(library: ModelLibrary, engine: Engine, threads: tuple[int, int] | 
         return [_status("ok", "settings restored from the picture; press Generate for the same image."), model,
                 value("prompt"), value("negative_prompt"), value("label", str), value("negative_label", str),
                 value("sampler"), value("steps"), value("guidance"), seed if seed is not None else gr.skip(),
-                value("height"), value("width")]
+                value("height"), value("width"), p.get("mix_prompt") or "", float(p.get("mix") or 0.0)]
 
     # delete_cache: Gradio's copies of previews and thumbnails older than an hour are removed every hour, so a long
     # session does not fill the disk either (the PNGs themselves stay in the output folder).
@@ -225,6 +259,11 @@ def build_app(library: ModelLibrary, engine: Engine, threads: tuple[int, int] | 
                         refresh_btn = gr.Button("↻", scale=0, min_width=40, elem_id="refresh")
                     prompt = gr.Textbox(label="Prompt", lines=2, visible=False, elem_id="prompt")
                     negative_prompt = gr.Textbox(label="Negative prompt", visible=False, elem_id="negative")
+                    with gr.Row(visible=False) as mixing:
+                        prompt_b = gr.Textbox(label="Mix in a second prompt (pipe.mix_prompts)", scale=3,
+                                              elem_id="prompt_b")
+                        mix = gr.Slider(0, 1, value=0, step=0.05, label="Weight of the second prompt", scale=2,
+                                        elem_id="mix")
                     with gr.Row():
                         label = gr.Dropdown([NONE], value=NONE, label="Class label", allow_custom_value=True,
                                             visible=False, elem_id="label")
@@ -264,12 +303,28 @@ def build_app(library: ModelLibrary, engine: Engine, threads: tuple[int, int] | 
                                 strength = gr.Slider(0.05, 1, value=0.6, step=0.05, label="Strength (img2img)",
                                                      elem_id="strength")
                             edit_btn = gr.Button("Edit", variant="primary", elem_id="edit")
+                        with gr.Tab("Interpolate", id="interpolate"):
+                            gr.Markdown("A strip from the seed above to seed B: the starting noise moves along a "
+                                        "slerp; with an end prompt (text models) or end label (class models) the "
+                                        "condition moves too.")
+                            with gr.Row():
+                                seed_b = gr.Number(1, label="Seed B", precision=0, elem_id="seed_b")
+                                frames = gr.Slider(2, 16, value=6, step=1, label="Pictures", elem_id="frames")
+                            with gr.Row():
+                                end_prompt = gr.Textbox(label="End prompt (text models; empty: the same)",
+                                                        elem_id="end_prompt")
+                                end_label = gr.Dropdown([NONE], value=NONE, label="End label (class models)",
+                                                        allow_custom_value=True, elem_id="end_label")
+                            interp_btn = gr.Button("Interpolate", variant="primary", elem_id="interpolate")
+                            strip = gr.Image(label="Seed / prompt interpolation", type="numpy",
+                                             interactive=False, elem_id="strip")
                 with gr.Column(scale=1):
                     status = gr.Markdown(_status("info", "pick a model to start."), elem_id="status")
                     preview = gr.Image(label="Live preview (x̂0)", type="numpy", interactive=False,
                                        height=256, elem_id="preview")
                     cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel")
-                    gallery = gr.Gallery(label="Results (newest first; full PNGs with their parameters on disk)",
+                    gallery = gr.Gallery(label="Results (newest first; drop a noisecraft PNG here to restore its "
+                                               "settings)",
                                          columns=4, height=360, object_fit="contain", allow_preview=False,
                                          interactive=False, elem_id="gallery")
                     send_btn = gr.Button("Send selected to Edit", elem_id="send")
@@ -279,27 +334,67 @@ def build_app(library: ModelLibrary, engine: Engine, threads: tuple[int, int] | 
                 _train_tab(library, threads)
 
         settings_inputs[:] = [model, prompt, negative_prompt, label, negative_label, sampler, steps, guidance, eta,
-                              seed, batch, height, width, preview_every]
+                              seed, batch, height, width, preview_every, prompt_b, mix]
         outs = [preview, status, gallery, gallery_state, last_seed]
         # The progress bar and the queue position go over the gallery, so the live preview stays visible.
         gen = generate_btn.click(generate, settings_inputs + [gallery_state], outs, api_name="generate",
                                  concurrency_limit=1, concurrency_id="job", show_progress_on=[gallery])
         edit_btn.click(edit, settings_inputs + [gallery_state, editor, mode, strength], outs, api_name="edit",
                        concurrency_limit=1, concurrency_id="job", show_progress_on=[gallery])
+        interp_btn.click(interpolate, settings_inputs + [seed_b, frames, end_prompt, end_label], [strip, status],
+                         api_name="interpolate", concurrency_limit=1, concurrency_id="job")
         cancel_btn.click(cancel, None, status, api_name="cancel", concurrency_limit=None, queue=False)
         fitted = [status, prompt, negative_prompt, label, negative_label, sampler, steps, guidance, height, width, eta,
-                  gallery_state]
+                  gallery_state, mixing, end_prompt, end_label]
         model.change(load_model, model, fitted, api_name="load_model", concurrency_limit=1, concurrency_id="job")
         demo.load(load_model, model, fitted, api_name=False, concurrency_limit=1, concurrency_id="job")
+        demo.load(None, None, None, js=DROP_PNG_JS, api_name=False, queue=False)
         refresh_btn.click(refresh, None, [model, status], api_name="refresh", concurrency_limit=None)
         sampler.change(sampler_changed, sampler, eta, api_name=False, concurrency_limit=None, queue=False)
         reuse.click(reuse_seed, last_seed, seed, api_name=False, concurrency_limit=None, queue=False)
         gallery.select(select, gallery_state, selected, api_name=False, concurrency_limit=None)
         send_btn.click(send_to_edit, selected, [editor, modes, status], api_name=False, concurrency_limit=None)
         png.upload(restore, png, [status, model, prompt, negative_prompt, label, negative_label, sampler, steps,
-                                  guidance, seed, height, width], api_name="restore", concurrency_limit=None)
+                                  guidance, seed, height, width, prompt_b, mix], api_name="restore",
+                   concurrency_limit=None)
         del gen, top
     return demo
+
+
+# Dropping a PNG onto the preview or the gallery hands it to the "Restore settings" file box (whose upload event reads
+# its parameters); anything else dropped there is left to the browser.
+DROP_PNG_JS = """
+() => {
+  if (window.__noisecraftDrop) return;
+  window.__noisecraftDrop = true;
+  const area = (e) => e.target && e.target.closest && e.target.closest('#gallery, #preview');
+  document.addEventListener('dragover', (e) => {
+    if (area(e)) { e.preventDefault(); e.stopPropagation(); e.dataTransfer.dropEffect = 'copy'; }
+  }, true);
+  document.addEventListener('drop', (e) => {
+    if (!area(e)) return;
+    const files = [...(e.dataTransfer ? e.dataTransfer.files : [])].filter(
+      (f) => f.type === 'image/png' || f.name.toLowerCase().endsWith('.png'));
+    e.preventDefault(); e.stopPropagation();
+    const input = document.querySelector('#restore input[type=file]');
+    if (!files.length || !input) return;
+    const dt = new DataTransfer();
+    dt.items.add(files[0]);
+    input.files = dt.files;
+    input.dispatchEvent(new Event('change', {bubbles: true}));
+  }, true);
+}
+"""
+
+
+def interpolation_strip(images) -> np.ndarray:
+    """N×C×H×W in [-1, 1] -> one H×(N·W)×3 uint8 picture with a 2-pixel gap, small pictures enlarged."""
+    from .engine import enlarge, to_uint8
+    pictures = [enlarge(p, 128) for p in to_uint8(images)]
+    pictures = [np.repeat(p, 3, axis=-1) if p.shape[-1] == 1 else p for p in pictures]
+    h = pictures[0].shape[0]
+    gap = np.full((h, 2, 3), 255, np.uint8)
+    return np.concatenate([x for p in pictures for x in (p, gap)][:-1], axis=1)
 
 
 def editor_arrays(editor) -> tuple[np.ndarray | None, np.ndarray | None]:

@@ -1,11 +1,12 @@
 """One generation at a time, on a worker thread, reporting as it goes (no Gradio in here).
 
 `Engine.run(job)` is a generator of events: ("progress", step, total, seconds_left), ("preview", image) with the
-decoded x̂0 of the first image every few steps, then one of ("done", [GalleryItem], seed), ("cancelled", step, total)
-or ("error", sentence). The pipeline calls back after every sampler step (`on_step`); Cancel sets a flag that
-the callback turns into an exception, so a run stops within one step. Full-size PNGs (with their generation
-parameters) go to the output folder; the gallery shows small thumbnails, and nothing of a finished generation
-stays in memory but their paths.
+decoded x̂0 of the first image after step 1, then every k-th step but at most one per PREVIEW_MIN_S seconds (so
+previews cost a few per cent of a run at most; progress is throttled likewise), then one of ("done", [GalleryItem],
+seed), ("cancelled", step, total) or ("error", sentence). The pipeline calls back after every sampler step
+(`on_step`); Cancel sets a flag that the callback turns into an exception, so a run stops within one step. Full-size
+PNGs (with their generation parameters) go to the output folder; the gallery shows small thumbnails, and nothing of
+a finished generation stays in memory but their paths.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ from .library import ModelLibrary
 
 THUMB_SIDE = 160            # gallery thumbnails: at most this many pixels a side (tiny images are enlarged to it)
 PREVIEW_SIDE = 256          # live previews: small images are enlarged (nearest) so they can be seen
+PREVIEW_MIN_S = 0.25        # live previews: at most one per this many seconds of wall time (after the first)
+PREVIEW_SHARE = 0.02        # ... and decoding them takes at most about this share of the run's time
+PROGRESS_MIN_S = 0.1        # progress: at most one event per this many seconds (and the first and last step)
 
 
 class Cancelled(Exception):
@@ -91,6 +95,8 @@ class Job:
     image: np.ndarray | None = None        # edit jobs: H×W×3 uint8
     mask: np.ndarray | None = None         # inpaint: H×W, > 0 where to generate
     strength: float = 0.6                  # img2img
+    prompt_b: str | None = None            # text models: a second prompt, mixed in by `mix` (pipe.mix_prompts)
+    mix: float = 0.0
 
 
 def takes_eta(sampler: str) -> bool:
@@ -173,7 +179,7 @@ class Engine:
             return
         events: queue.Queue = queue.Queue()
         started = time.monotonic()
-        state = {"step": 0}
+        state = {"step": 0, "next_preview": 0.0, "next_progress": 0.0}
 
         def on_step(info):
             if self._cancel.is_set():
@@ -182,13 +188,22 @@ class Engine:
                 return
             step = int(info["i"]) + 1
             state["step"] = step
-            elapsed = time.monotonic() - started
-            events.put(("progress", min(step, total), total, elapsed / step * max(0, total - step)))
-            if job.preview_every and (step % job.preview_every == 0 or step == 1) and info["sigma_next"] != 0:
+            now = time.monotonic()
+            # every event wakes the page's thread, which then competes with the sampler for the GIL: throttled
+            if now >= state["next_progress"] or step == 1 or step >= total:
+                state["next_progress"] = now + PROGRESS_MIN_S
+                events.put(("progress", min(step, total), total, (now - started) / step * max(0, total - step)))
+            if job.preview_every and (step % job.preview_every == 0 or step == 1) and info["sigma_next"] != 0 \
+                    and time.monotonic() >= state["next_preview"]:
+                t0 = time.monotonic()
                 with torch.no_grad():
                     x0 = pipe.decode(info["denoised"][:1].to(pipe.device)).clamp(-1, 1)
                 picture = enlarge(to_uint8(x0)[0], PREVIEW_SIDE)
                 events.put(("preview", picture[..., 0] if picture.shape[-1] == 1 else picture))
+                now = time.monotonic()
+                # throttled by wall time, not only by steps: a decode (a VAE for latent models) every k fast steps
+                # would cost more than the sampling itself; the first preview still comes after step 1
+                state["next_preview"] = now + max(PREVIEW_MIN_S, (now - t0) / PREVIEW_SHARE)
             if self._cancel.is_set():
                 raise Cancelled
 
@@ -242,9 +257,13 @@ class Engine:
         if not 1 <= n <= 64:
             raise NoisecraftError(f"the batch size must be between 1 and 64, got {n}.")
         cond = {}
+        mixing = bool(job.prompt_b) and float(job.mix or 0) != 0
+        if mixing and not 0 <= float(job.mix) <= 1:
+            raise NoisecraftError(f"the prompt mixing weight must be in [0, 1], got {job.mix}.")
         if pipe.takes_prompts:
-            cond = {"prompt": job.prompt or "", "negative_prompt": job.negative_prompt or None}
-        elif job.prompt or job.negative_prompt:
+            prompt = pipe.mix_prompts(job.prompt or "", job.prompt_b, float(job.mix)) if mixing else job.prompt or ""
+            cond = {"prompt": prompt, "negative_prompt": job.negative_prompt or None}
+        elif job.prompt or job.negative_prompt or job.prompt_b:
             raise NoisecraftError("this model is not text-conditional, so it takes no prompt; clear the prompt "
                                   "fields or pick a text-to-image model.")
         else:
@@ -323,11 +342,12 @@ class Engine:
             number = next(self._counter)
             name = f"{number:05d}-{seed + index}.png"
             params = self._params(job, seed, index, h, w)
-            path = write_png(self.outputs / name, image, params)
+            # no fsync, fast compression: a picture lost to a power cut is redrawn from its settings
+            path = write_png(self.outputs / name, image, params, durable=False, compress_level=1)
             thumb = _pil(enlarge(image, THUMB_SIDE))
             thumb.thumbnail((THUMB_SIDE, THUMB_SIDE))
             thumb_path = thumbs / name
-            thumb.save(thumb_path)
+            thumb.save(thumb_path, compress_level=1)
             what = job.prompt or (f"label {job.label}" if job.label is not None else job.kind)
             items.append(GalleryItem(Path(path), thumb_path, f"{what[:40]} · seed {seed + index}"))
         return items
@@ -345,6 +365,8 @@ class Engine:
             params["prompt"] = job.prompt or ""
             if job.negative_prompt:
                 params["negative_prompt"] = job.negative_prompt
+            if job.prompt_b and float(job.mix or 0) != 0:
+                params["mix_prompt"], params["mix"] = job.prompt_b, float(job.mix)     # as `sample --mix-prompt`
         else:
             for key in ("label", "negative_label"):
                 if getattr(job, key) is not None:

@@ -65,6 +65,53 @@ def build_learn_tab(engine=None, library=None) -> None:
     if engine is None or library is None:
         return
     _trajectory_section(learn, engine, library)
+    _latent_section(learn, engine, library)
+
+
+def newest_picture(engine) -> np.ndarray | None:
+    """The last picture the Create tab generated (the newest PNG in the output folder), or None."""
+    from PIL import Image
+    try:
+        pngs = [p for p in engine.outputs.glob("*.png") if p.name[:5].isdigit()]
+        if not pngs:
+            return None
+        with Image.open(max(pngs, key=lambda p: p.name)) as im:
+            return np.asarray(im.convert("RGB"))
+    except OSError:
+        return None
+
+
+def _latent_section(learn, engine, library) -> None:
+    """For latent models: x, its reconstruction D(z) and the four channels of z = s·E(x) for an uploaded picture
+    or the last generated one."""
+
+    def show(model, image):
+        try:
+            pipe = engine.load(model)
+            source = "the uploaded picture"
+            if image is None:
+                image, source = newest_picture(engine), "the last generated picture"
+            if image is None:
+                image, source = _sample_picture(), "a ring (upload a picture or generate one first)"
+            picture, info = learn.latent_channels_view(pipe, image)
+            return picture, (f"✓ {source}: z is {'×'.join(map(str, info['latent_shape']))}, mean "
+                             f"{info['mean']:.3f}, std {info['std']:.3f}.")
+        except Exception as e:      # noqa: BLE001 (a message, never a traceback)
+            return None, f"⚠ {one_sentence(e)}"
+
+    with gr.Accordion("Latent channels (latent models)", open=False):
+        gr.Markdown(learn.LATENT_CAPTION, elem_id="learn_latent_caption")
+        with gr.Row():
+            model = gr.Dropdown([(e.label, str(e.path)) for e in library.scan()], label="Latent model",
+                                allow_custom_value=True, elem_id="learn_latent_model")
+            image = gr.Image(label="Picture (empty: the last generated one)", type="numpy", height=192,
+                             elem_id="learn_latent_image")
+        button = gr.Button("Encode and show the latent channels", elem_id="learn_latents")
+        message = gr.Markdown(elem_id="learn_latent_status")
+        view = gr.Image(label="x, D(z) and the channels z[0..3] of z = s·E(x)", type="pil", interactive=False,
+                        elem_id="learn_latent_view")
+        button.click(show, [model, image], [view, message], api_name="latents", concurrency_limit=1,
+                     concurrency_id="job")
 
 
 def _trajectory_section(learn, engine, library) -> None:
