@@ -138,9 +138,8 @@ def tiny_run(out: Path) -> Path:
     unconditional figures sample it with no label."""
     import json
 
-    from noisecraft.config import DataConfig, DiffusionConfig, RunConfig, TrainConfig
+    from noisecraft.config import make_run_config
     from noisecraft.data.datasets import load_dataset
-    from noisecraft.models.unet import UNetConfig
     from noisecraft.training.trainer import Trainer
 
     run = out / "run"
@@ -148,15 +147,10 @@ def tiny_run(out: Path) -> Path:
             json.loads((run / "config.json").read_text())["data"].get("conditional"):
         return run
     dataset = load_dataset("digits", split="train")
-    config = RunConfig(
-        model=UNetConfig(in_channels=1, base_channels=16, channel_mults=(1, 2), num_res_blocks=1,
-                         attention_levels=(1,), dropout=0.0, num_classes=dataset.num_classes),
-        diffusion=DiffusionConfig(schedule="cosine", prediction="eps", min_snr_gamma=5.0),
-        train=TrainConfig(batch_size=32, lr=3e-3, warmup_steps=50, ema_decay=0.99, steps=TRAIN_STEPS,
-                          sample_every=0, checkpoint_every=0, seed=0, label_dropout=0.2),
-        data=DataConfig(dataset="digits", image_shape=tuple(dataset.image_shape), class_names=dataset.class_names,
-                        conditional=True),
-    )
+    config = make_run_config(dataset, conditional=True,            # the digits defaults, made smaller and faster
+                             model=dict(base_channels=16, channel_mults=(1, 2), attention_levels=(1,)),
+                             train=dict(batch_size=32, lr=3e-3, warmup_steps=50, ema_decay=0.99, steps=TRAIN_STEPS,
+                                        sample_every=0, checkpoint_every=0, seed=0, label_dropout=0.2))
     Trainer(config, dataset, run, progress=False).fit()
     return run
 

@@ -28,10 +28,9 @@ import tempfile
 import matplotlib.pyplot as plt
 import torch
 
-from noisecraft.config import DataConfig, DiffusionConfig, RunConfig, TrainConfig
+from noisecraft.config import make_run_config
 from noisecraft.data.datasets import load_dataset
 from noisecraft.guidance.classifier_free import ClassifierFreeGuidance
-from noisecraft.models.unet import UNetConfig
 from noisecraft.pipelines.diffusion import DiffusionPipeline
 from noisecraft.training.trainer import Trainer
 
@@ -39,14 +38,10 @@ TINY = os.environ.get("NOISECRAFT_TINY") == "1"
 STEPS = 80 if TINY else 3000
 torch.set_num_threads(1 if TINY else torch.get_num_threads())
 dataset = load_dataset("digits", split="train")
-config = RunConfig(
-    model=UNetConfig(in_channels=1, base_channels=16, channel_mults=(1, 2), num_res_blocks=1, attention_levels=(1,),
-                     dropout=0.0, num_classes=dataset.num_classes),          # a label embedding + the null class
-    diffusion=DiffusionConfig(schedule="cosine", prediction="eps"),
-    train=TrainConfig(batch_size=32, lr=3e-3, warmup_steps=20, ema_decay=0.99, steps=STEPS, label_dropout=0.2,
-                      sample_every=0, checkpoint_every=0, seed=0),
-    data=DataConfig(dataset="digits", image_shape=tuple(dataset.image_shape), class_names=dataset.class_names,
-                    conditional=True))
+config = make_run_config(dataset, conditional=True,    # + a label embedding and the null class
+                         model=dict(base_channels=16, channel_mults=(1, 2), attention_levels=(1,)),
+                         train=dict(batch_size=32, lr=3e-3, warmup_steps=20, ema_decay=0.99, steps=STEPS,
+                                    label_dropout=0.2, sample_every=0, checkpoint_every=0, seed=0))
 run = tempfile.mkdtemp(prefix="cond-")
 Trainer(config, dataset, run, progress=False).fit()
 pipe = DiffusionPipeline.from_run(run)
