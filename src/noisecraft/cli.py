@@ -17,6 +17,7 @@
     noisecraft txt2img --model sd-v1-5/ "an astronaut riding a horse" --grid astronaut.png
     noisecraft convert sd-v1-5.safetensors sd-v1-5-diffusers/
     noisecraft viz latents IMAGE --vae runs/vae --out latents.png
+    noisecraft shard mnist|FOLDER --out shards/ --shard-size 1000   tar shards + manifest, for streaming
 
 Errors a user can cause print one line ("noisecraft: error: ...") and exit with status 2.
 """
@@ -26,12 +27,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .commands import clip, demo, evaluate, run_eval, sample, sd, train, ui, vae, vdm, viz
+from .commands import clip, demo, distill, evaluate, run_eval, sample, sd, shard, train, ui, vae, vdm, viz
 from .errors import NoisecraftError
 
 # The order of `noisecraft --help`: the story first (demo, train, sample and edit, pictures), then the parts of
-# latent diffusion, Stable Diffusion checkpoints and evaluation.
-COMMAND_FAMILIES = (demo, train, sample, viz, vae, clip, sd, evaluate, run_eval, vdm, ui)
+# latent diffusion, Stable Diffusion checkpoints, evaluation and data preparation.
+COMMAND_FAMILIES = (demo, train, distill, sample, viz, vae, clip, sd, evaluate, run_eval, vdm, shard, ui)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,13 +9,14 @@ field may take, which settings.check_fields checks (unknown keys and wrong value
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .denoiser import PREDICTION_TYPES
+from .denoiser import EDM_SIGMA_DATA, PREDICTION_TYPES
 from .errors import NoisecraftError, short_repr as _short
 from .io.checkpoint import load_json
-from .losses import LOSSES
+from .losses import EDM_P_MEAN, EDM_P_STD, LOSSES
 from .models.unet import UNetConfig
 from .schedule import BETA_SCHEDULES, MAX_T, NoiseSchedule
 from .settings import check_fields, settings_from_dict, settings_to_dict
@@ -40,6 +41,9 @@ class DiffusionConfig:
     loss: str = "simple"              # "simple" (L_simple), "hybrid" (L_simple + λ·L_vlb) or "vlb"
     vlb_weight: float = 0.001         # λ of the hybrid loss
     timestep_sampling: str = "uniform"   # "uniform" or "importance" (p_t ∝ sqrt(E[L_t²]), for loss "vlb")
+    sigma_data: float = EDM_SIGMA_DATA   # prediction "edm": σ_d, the data's standard deviation
+    p_mean: float = EDM_P_MEAN        # prediction "edm": training σ's are log-normal, ln σ ~ N(p_mean, p_std²)
+    p_std: float = EDM_P_STD
 
     RULES = (   # field, type, allowed values, None allowed (settings.check_fields)
         ("schedule", "str", BETA_SCHEDULES, False),
@@ -53,6 +57,9 @@ class DiffusionConfig:
         ("loss", "str", LOSSES, False),
         ("vlb_weight", "float", "[0, inf)", False),
         ("timestep_sampling", "str", TIMESTEP_SAMPLING, False),
+        ("sigma_data", "float", "[1e-6, 1e6]", False),
+        ("p_mean", "float", "[-20, 20]", False),
+        ("p_std", "float", "[0, 20]", False),
     )
 
     def __post_init__(self):
@@ -66,6 +73,19 @@ class DiffusionConfig:
         if self.loss == "hybrid" and not self.learn_sigma:
             raise NoisecraftError("the hybrid loss trains a learned variance, so it needs learn_sigma "
                                   "(--learn-sigma); use loss 'simple' or 'vlb' without it.")
+        if self.edm:
+            clash = [name for name, bad in (("schedule", self.schedule != "edm"), ("loss", self.loss != "simple"),
+                                            ("learn_sigma", self.learn_sigma), ("min_snr_gamma", self.min_snr_gamma),
+                                            ("timestep_sampling", self.timestep_sampling != "uniform")) if bad]
+            if clash:
+                raise NoisecraftError(f"EDM preconditioning brings its own noise levels and loss weight, so "
+                                      f"diffusion.{', '.join(clash)} cannot be set with it; leave them at the "
+                                      f"defaults of --preconditioning edm (schedule edm, loss simple).")
+
+    @property
+    def edm(self) -> bool:
+        """Whether the network is EDM-preconditioned (Karras et al. 2022): trained on log-normal σ's."""
+        return self.prediction == "edm"
 
     def make_schedule(self) -> NoiseSchedule:
         return NoiseSchedule.create(self.schedule, self.T, self.beta_start, self.beta_end)
@@ -159,6 +179,27 @@ class TextConfig:
 
 
 @dataclass
+class DistillationConfig:
+    """A student of progressive distillation (Salimans & Ho 2022; training/distill.py): it samples in `steps`
+    deterministic steps on the σ's of spacing "nested", each trained to match two steps of its teacher."""
+
+    steps: int = 4                    # the sampling steps this student was trained for
+    teacher: str = ""                 # the run it was distilled from (as given to noisecraft distill)
+    teacher_steps: int = 16           # the first teacher's steps (its sampler: heun)
+    iterations: int = 0               # optimizer steps per halving
+
+    RULES = (   # field, type, allowed values, None allowed (settings.check_fields)
+        ("steps", "int", "[1, 4096]", False),
+        ("teacher", "str", None, False),
+        ("teacher_steps", "int", "[2, 4096]", False),
+        ("iterations", "int", "[0, inf)", False),
+    )
+
+    def __post_init__(self):
+        check_fields(self, self.RULES, "distillation")
+
+
+@dataclass
 class RunConfig:
     model: UNetConfig
     diffusion: DiffusionConfig
@@ -166,6 +207,7 @@ class RunConfig:
     data: DataConfig
     latent: LatentConfig | None = None
     text: TextConfig | None = None
+    distillation: DistillationConfig | None = None
 
     def __post_init__(self):
         c = self.model.in_channels
@@ -199,7 +241,7 @@ class RunConfig:
             "train": settings_to_dict(self.train),
             "data": settings_to_dict(self.data),
         }
-        for name in ("latent", "text"):
+        for name in ("latent", "text", "distillation"):
             if getattr(self, name) is not None:
                 d[name] = settings_to_dict(getattr(self, name))
         return d
@@ -215,11 +257,13 @@ class RunConfig:
         missing = [k for k in ("model", "diffusion", "train", "data") if k not in data]
         if missing:
             raise NoisecraftError(f"config.json lacks the sections {missing}; it was not written by noisecraft train.")
-        unknown = sorted(set(data) - {"version", "model", "diffusion", "train", "data", "latent", "text"})
+        unknown = sorted(set(data) - {"version", "model", "diffusion", "train", "data", "latent", "text",
+                                      "distillation"})
         if unknown:
             raise NoisecraftError(f"unknown sections {unknown} in config.json; remove them.")
         optional = {name: settings_from_dict(kind, data[name], name) if data.get(name) is not None else None
-                    for name, kind in (("latent", LatentConfig), ("text", TextConfig))}
+                    for name, kind in (("latent", LatentConfig), ("text", TextConfig),
+                                       ("distillation", DistillationConfig))}
         return cls(model=UNetConfig.from_dict(data["model"]),
                    diffusion=settings_from_dict(DiffusionConfig, data["diffusion"], "diffusion"),
                    train=settings_from_dict(TrainConfig, data["train"], "train"),
@@ -265,6 +309,14 @@ def make_run_config(dataset, conditional: bool = False, model: dict | None = Non
         base = default_model_config(tuple(dataset.image_shape), num_classes)
         base.context_dim = context_dim
     model_kw = {**base.to_dict(), **drop_none(model)}
+    diffusion = drop_none(diffusion)
+    if diffusion.get("prediction") == "edm":   # EDM's own noise levels and loss weight (DiffusionConfig.edm)
+        edm = {"schedule": "edm", "min_snr_gamma": None}
+        if latent is not None:
+            # latents are scaled to unit variance: σ_d = 1, and P_mean moved by ln 2 so that σ/σ_d keeps the
+            # distribution EDM found for pixels (σ_d = 0.5)
+            edm |= {"sigma_data": 1.0, "p_mean": round(EDM_P_MEAN + math.log(2), 4)}
+        diffusion = {**edm, **diffusion}
     if (diffusion or {}).get("learn_sigma"):     # improved DDPM: C more output channels for the variance
         model_kw["out_channels"] = 2 * model_kw["in_channels"]
     if model and model.get("channel_mults") and not model.get("attention_levels"):
@@ -274,7 +326,7 @@ def make_run_config(dataset, conditional: bool = False, model: dict | None = Non
         train_kw["minutes"] = DEFAULT_MINUTES
     return RunConfig(
         model=UNetConfig(**model_kw),
-        diffusion=DiffusionConfig(**drop_none(diffusion)),
+        diffusion=DiffusionConfig(**diffusion),
         train=TrainConfig(**train_kw),
         data=DataConfig(dataset=dataset.name, image_shape=tuple(dataset.image_shape),
                         class_names=list(dataset.class_names), conditional=bool(conditional)),

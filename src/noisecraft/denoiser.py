@@ -23,9 +23,14 @@ eps is Ho et al. 2020 (DDPM), eq. 14: x̂0 = x - σ·ε̂, i.e. x_t = sqrt(ᾱ)x
 scale; v is Salimans & Ho 2022 ("Progressive Distillation", §4), x̂0 = sqrt(ᾱ)·x_t - sqrt(1 - ᾱ)·v̂. With
 c_in = 1/sqrt(1 + σ²) the network's input c_in·x is the DDPM x_t, and ᾱ = 1/(1 + σ²). The same row serves
 sampling (`Denoiser.forward`), the training loss (losses.py: the target, and the Min-SNR weight through c_out²)
-and the variational bound (likelihood.py: x̂0 from the output at x_t). EDM's preconditioning is one more row:
-c_skip = σ_d²/(σ² + σ_d²), c_out = σ·σ_d/sqrt(σ² + σ_d²), c_in = 1/sqrt(σ² + σ_d²) (with its own noise input
-c_noise = ¼·ln σ in place of the schedule's timestep).
+and the variational bound (likelihood.py: x̂0 from the output at x_t). EDM's preconditioning (Karras et al. 2022,
+Table 1 and eq. 7) is one more row, for networks trained with it (`--preconditioning edm`):
+
+    edm         σ_d²/(σ² + σ_d²)   σ·σ_d/sqrt(σ² + σ_d²)   1/sqrt(σ² + σ_d²)   (x0 - c_skip·x)/c_out
+
+with σ_d the data's standard deviation (0.5 for images in [-1, 1]). Its network sees its own noise input c_noise(σ)
+instead of the schedule's timestep: EDM's ¼·ln σ, times 1000 so that it spans what our sinusoidal time embedding
+was built for (DDPM's t in 0..999); the factor is a fixed rescaling of the paper's input, not a new design.
 
 Learned variance (improved DDPM, Nichol & Dhariwal 2021, §3.1): a network with 2C output channels for C input
 channels predicts as usual in its first C channels and, in the other C, a value v per pixel that sets the
@@ -44,6 +49,9 @@ from torch import nn
 
 from .errors import NoisecraftError
 from .schedule import NoiseSchedule, alpha_bar_from_sigma, per_sample
+
+EDM_SIGMA_DATA = 0.5      # σ_d of images in [-1, 1] (Karras et al. 2022, Table 1)
+EDM_NOISE_SCALE = 1000.0  # c_noise = 1000·¼·ln σ: EDM's noise input on the span of our timestep embedding
 
 # The reverse-step variances of DDPM's p_θ(x_{t-1} | x_t) (Ho et al. 2020, §3.2; improved DDPM eq. 15).
 VARIANCES = {
@@ -70,6 +78,23 @@ class Parameterisation:
     c_skip: Callable[[torch.Tensor], torch.Tensor]
     c_out: Callable[[torch.Tensor], torch.Tensor]
     c_in: Callable[[torch.Tensor], torch.Tensor] = vp_c_in
+    c_noise: Callable[[torch.Tensor], torch.Tensor] | None = None   # None: the schedule's timestep t(σ)
+
+    def noise_input(self, sigma: torch.Tensor, schedule: NoiseSchedule | None) -> torch.Tensor:
+        """What the network gets as its time input at σ: c_noise(σ), or for the VP rows the timestep t(σ) of the
+        schedule it was trained on."""
+        if self.c_noise is not None:
+            return self.c_noise(sigma.to(torch.float64)).to(torch.float32)
+        return schedule.sigma_to_t(sigma)
+
+    def output_at(self, net, x_t: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule, cond=None) -> torch.Tensor:
+        """The network's output at the DDPM x_t = sqrt(ᾱ_t)x0 + sqrt(1 - ᾱ_t)ε of integer timesteps t (the loss
+        and the bound). The VP rows' input is x_t itself and their time input t; other rows see c_in·x with
+        x = x_t/sqrt(ᾱ_t), and c_noise."""
+        if self.c_noise is None:
+            return net(x_t, t.float(), cond)
+        sigma = schedule.sigmas.to(x_t.device)[t.long()]
+        return net(x_t * per_sample(self.c_in(sigma) / vp_c_in(sigma), x_t), self.noise_input(sigma, schedule), cond)
 
     def scalings(self, sigma: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(c_skip, c_out, c_in) at σ (shape N), each N×1×…×1 in like's dtype."""
@@ -81,12 +106,12 @@ class Parameterisation:
         c_skip, c_out, _ = self.scalings(sigma, x)
         return c_skip * x + c_out * out
 
-    def denoise_input(self, x_in: torch.Tensor, out: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        """x̂0 = (c_skip/c_in)·x_in + c_out·out from the network's own input x_in = c_in·x (the DDPM x_t of the
-        loss and the bound)."""
+    def denoise_input(self, x_t: torch.Tensor, out: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """x̂0 = (c_skip/sqrt(ᾱ))·x_t + c_out·out from the DDPM x_t = sqrt(ᾱ)·x of the loss and the bound and the
+        network's output there (`output_at`). For the VP rows x_t is the network's own input c_in·x."""
         sigma = sigma.to(torch.float64)
-        skip = per_sample(self.c_skip(sigma) / self.c_in(sigma), x_in)
-        return skip * x_in + per_sample(self.c_out(sigma), x_in) * out
+        skip = per_sample(self.c_skip(sigma) / vp_c_in(sigma), x_t)
+        return skip * x_t + per_sample(self.c_out(sigma), x_t) * out
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """The training target F* = (x0 - c_skip·x)/c_out for x = x0 + σ·ε (EDM eq. 8), written a·x0 + b·ε with
@@ -106,7 +131,21 @@ PARAMETERISATIONS = {
     "v": Parameterisation("v", c_skip=alpha_bar_from_sigma,
                           c_out=lambda sigma: -(1 - alpha_bar_from_sigma(sigma)).sqrt()),
 }
-PREDICTION_TYPES = tuple(PARAMETERISATIONS)
+PREDICTION_TYPES = (*PARAMETERISATIONS, "edm")
+
+
+def edm_parameterisation(sigma_data: float = EDM_SIGMA_DATA) -> Parameterisation:
+    """EDM's preconditioning (Karras et al. 2022, Table 1, "Network and preconditioning") for data of standard
+    deviation σ_d: unit-variance network input and target at every σ, and c_skip -> 1 as σ -> 0."""
+    sd = float(sigma_data)
+    if not sd > 0:
+        raise NoisecraftError(f"sigma_data must be positive, got {sigma_data!r}.")
+    return Parameterisation(
+        "edm",
+        c_skip=lambda sigma: sd**2 / (sigma**2 + sd**2),
+        c_out=lambda sigma: sigma * sd / (sigma**2 + sd**2).sqrt(),
+        c_in=lambda sigma: 1 / (sigma**2 + sd**2).sqrt(),
+        c_noise=lambda sigma: EDM_NOISE_SCALE * sigma.clamp(min=1e-20).log() / 4)
 
 
 def check_prediction_type(prediction: str) -> str:
@@ -115,9 +154,14 @@ def check_prediction_type(prediction: str) -> str:
     return prediction
 
 
-def parameterisation(prediction: str) -> Parameterisation:
-    """The row of the scalings table for a prediction type ("eps", "x0" or "v")."""
-    return PARAMETERISATIONS[check_prediction_type(prediction)]
+def parameterisation(prediction, sigma_data: float = EDM_SIGMA_DATA) -> Parameterisation:
+    """The row of the scalings table for a prediction type ("eps", "x0", "v", or "edm" with its σ_d); a row passes
+    through unchanged."""
+    if isinstance(prediction, Parameterisation):
+        return prediction
+    if check_prediction_type(prediction) == "edm":
+        return edm_parameterisation(sigma_data)
+    return PARAMETERISATIONS[prediction]
 
 
 # --- learned variance ---------------------------------------------------------------------------------
@@ -164,7 +208,8 @@ def sigma_like(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
 
 class Denoiser(nn.Module):
     """Wraps a network trained on a `NoiseSchedule` with a prediction type into D(x, σ, cond) -> x̂0, by the
-    prediction type's row of the scalings table (`parameterisation`), with t(σ) from `schedule.sigma_to_t`.
+    prediction type's row of the scalings table (`parameterisation`), with t(σ) from `schedule.sigma_to_t` (or the
+    row's own c_noise: EDM). sigma_data: σ_d of the EDM row.
 
     clip_x0: clamp x̂0 to [-1, 1], the data range (DDPM's sampler does this; it helps pixel models at
     few steps). Off by default so that every sampler sees the raw model, as the parity tests need.
@@ -173,12 +218,12 @@ class Denoiser(nn.Module):
     """
 
     def __init__(self, net: nn.Module, schedule: NoiseSchedule, prediction: str = "eps", clip_x0: bool = False,
-                 learned_variance: bool | None = None):
+                 learned_variance: bool | None = None, sigma_data: float = EDM_SIGMA_DATA):
         super().__init__()
         self.net = net
         self.schedule = schedule
-        self.parameterisation = parameterisation(prediction)
-        self.prediction = prediction
+        self.parameterisation = parameterisation(prediction, sigma_data)
+        self.prediction = self.parameterisation.name
         self.clip_x0 = clip_x0
         self.learned_variance = has_learned_variance(net) if learned_variance is None else bool(learned_variance)
         self.last_variance: torch.Tensor | None = None
@@ -194,7 +239,7 @@ class Denoiser(nn.Module):
     def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, cond: torch.Tensor | None = None) -> torch.Tensor:
         sigma = batch_sigma(sigma, x)
         c_skip, c_out, c_in = self.parameterisation.scalings(sigma, x)
-        out = self.net(x * c_in, self.schedule.sigma_to_t(sigma), cond)
+        out = self.net(x * c_in, self.parameterisation.noise_input(sigma, self.schedule), cond)
         if self.learned_variance:
             out, v = split_learned_variance(out, x.shape[1])
             self.last_variance = v.detach()

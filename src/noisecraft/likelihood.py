@@ -17,7 +17,9 @@ needed and numbers compare with published bits/dim. `continuous_decoder=True` us
 (for continuous data, e.g. latents or toy tests; densities can give negative bits).
 
 The network is the raw f(x_t, t, cond) on the DDPM (VP) scale that the Trainer trains, predicting eps, x0 or v
-(and, with a learned variance, 2C channels: see denoiser.py).
+(and, with a learned variance, 2C channels: see denoiser.py), or an EDM-preconditioned network, which sees
+c_in·x and c_noise(σ_t) instead (`Parameterisation.output_at`): the bound is then taken on the run's discrete
+"edm" schedule, the T levels of σ it was sampled on.
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ from torch.special import log_ndtr
 
 from .denoiser import (
     Denoiser,
-    check_prediction_type,
     learned_log_variance,
     parameterisation,
     split_learned_variance,
@@ -124,8 +125,8 @@ def _unwrap(denoiser_or_net, prediction, learned_variance, clip_x0):
     arguments."""
     if isinstance(denoiser_or_net, Denoiser):
         d = denoiser_or_net
-        return d.net, d.prediction, d.learned_variance, d.clip_x0
-    return denoiser_or_net, check_prediction_type(prediction), bool(learned_variance), bool(clip_x0)
+        return d.net, d.parameterisation, d.learned_variance, d.clip_x0
+    return denoiser_or_net, parameterisation(prediction), bool(learned_variance), bool(clip_x0)
 
 
 def posterior_from_output(schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor, *,
@@ -133,8 +134,8 @@ def posterior_from_output(schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.T
                           clip_x0: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(mean, log_variance, x0_hat) of p_θ(x_{t-1} | x_t) from the network's output `out` at (x_t, t).
 
-    x̂0 comes from the prediction type's row of the scalings table (denoiser.py) at σ_t, with x_t = c_in·x the
-    network's input; the mean is the posterior mean μ̃_t(x_t, x̂0) (DDPM eq. 7, 11); the variance is fixed
+    x̂0 comes from the prediction type's row of the scalings table (denoiser.py) at σ_t (`prediction`: a name or
+    a row), from x_t and the output there; the mean is the posterior mean μ̃_t(x_t, x̂0) (DDPM eq. 7, 11); the variance is fixed
     (`variance`) or learned: log Σ = frac·log β_t + (1 - frac)·log β̃_t (improved DDPM eq. 15), with the
     clipped log β̃."""
     if learned_variance:
@@ -161,7 +162,7 @@ def model_posterior(denoiser_or_net, schedule: NoiseSchedule, x_t: torch.Tensor,
     integer timestep per image."""
     net, prediction, learned_variance, clip_x0 = _unwrap(denoiser_or_net, prediction, learned_variance, clip_x0)
     t = _timesteps(t, x_t, schedule.T)
-    out = net(x_t, t.float(), cond)
+    out = prediction.output_at(net, x_t, t, schedule, cond)
     return posterior_from_output(schedule, x_t, t, out, prediction=prediction, learned_variance=learned_variance,
                                  variance=variance, clip_x0=clip_x0)
 
@@ -200,7 +201,7 @@ def vlb_terms(net, schedule: NoiseSchedule, x0: torch.Tensor, t, noise: torch.Te
     net, prediction, learned_variance, clip_x0 = _unwrap(net, prediction, learned_variance, clip_x0)
     t = _timesteps(t, x0, schedule.T)
     x_t = schedule.q_sample(x0, t, noise)
-    out = net(x_t, t.float(), cond)
+    out = prediction.output_at(net, x_t, t, schedule, cond)
     return vlb_terms_from_output(schedule, x0, x_t, t, out, prediction=prediction, learned_variance=learned_variance,
                                  variance=variance, continuous_decoder=continuous_decoder, clip_x0=clip_x0)
 

@@ -11,6 +11,11 @@ min(SNR, γ)·c_out²:
 
     eps: min(SNR, γ) / SNR        x0: min(SNR, γ)        v: min(SNR, γ) / (SNR + 1)
 
+EDM (Karras et al. 2022, eq. 2, 8 and Table 1): ln σ ~ N(P_mean, P_std²) per example (`edm_sigmas`), x = x0 + σ·ε,
+and the loss λ(σ)·||D(x, σ) - x0||² with λ(σ) = (σ² + σ_d²)/(σ·σ_d)² = 1/c_out(σ)². Since D - x0 = c_out·(F - F*),
+that is a unit weight on the network's own error ||F - F*||², whose target F* has unit variance at every σ
+(`edm_loss`).
+
 Learned variance (improved DDPM, Nichol & Dhariwal 2021, §3.1): the network has 2C output channels, the last C
 setting the reverse variance (denoiser.learned_log_variance). L_simple does not depend on the variance, so it is
 trained through the variational bound (likelihood.py):
@@ -26,12 +31,13 @@ from __future__ import annotations
 
 import torch
 
-from .denoiser import check_prediction_type, parameterisation, split_learned_variance
+from .denoiser import EDM_SIGMA_DATA, check_prediction_type, parameterisation, sigma_like, split_learned_variance
 from .errors import NoisecraftError
 from .likelihood import vlb_terms_from_output
 from .schedule import NoiseSchedule
 
 LOSSES = ("simple", "hybrid", "vlb")
+EDM_P_MEAN, EDM_P_STD = -1.2, 1.2    # the log-normal of EDM's training σ's (Karras et al. 2022, Table 1)
 
 
 def _sigma_at(schedule: NoiseSchedule, t: torch.Tensor) -> torch.Tensor:
@@ -63,7 +69,8 @@ def training_loss(net, schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tenso
     "hybrid" (L_simple + λ·T·L_t with the mean frozen inside L_t) or "vlb" (L_t). learn_sigma: the network
     outputs 2C channels, the last C its variance (which L_simple alone leaves untrained). continuous_decoder: L_0
     as a Gaussian density (latents), not over 256 pixel levels."""
-    check_prediction_type(prediction)
+    if check_prediction_type(prediction) == "edm":
+        raise NoisecraftError("an EDM-preconditioned network trains on continuous σ: use losses.edm_loss.")
     if loss not in LOSSES:
         raise NoisecraftError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}.")
     if loss == "hybrid" and not learn_sigma:
@@ -81,3 +88,30 @@ def training_loss(net, schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tenso
     vlb = vlb_terms_from_output(schedule, x0, xt, t, torch.cat([pred.detach(), v], dim=1), prediction=prediction,
                                 learned_variance=True, continuous_decoder=continuous_decoder)
     return simple + vlb_weight * schedule.T * vlb
+
+
+def edm_sigmas(n: int, generator: torch.Generator | None = None, p_mean: float = EDM_P_MEAN,
+               p_std: float = EDM_P_STD) -> torch.Tensor:
+    """n training noise levels with ln σ ~ N(P_mean, P_std²) (EDM Table 1, "noise distribution"), float64."""
+    return (p_mean + p_std * torch.randn(n, generator=generator, dtype=torch.float64)).exp()
+
+
+def edm_loss_weight(sigma: torch.Tensor, sigma_data: float = EDM_SIGMA_DATA) -> torch.Tensor:
+    """λ(σ) = (σ² + σ_d²)/(σ·σ_d)² (EDM Table 1, "loss weighting"), float64."""
+    sigma = sigma.to(torch.float64)
+    return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
+
+
+def edm_loss(net, x0: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor, cond: torch.Tensor | None = None, *,
+             sigma_data: float = EDM_SIGMA_DATA) -> torch.Tensor:
+    """EDM's training loss per example (shape N): λ(σ)·||D(x0 + σ·ε, σ) - x0||² (eq. 2 and 8), written as
+    λ(σ)·c_out(σ)²·||F(c_in·x, c_noise) - F*||², the mean over pixels; λ·c_out² = 1, so F's error is weighted
+    equally at every σ."""
+    row = parameterisation("edm", sigma_data)
+    sigma = sigma.to(device=x0.device, dtype=torch.float64)
+    x = x0 + sigma_like(sigma, x0) * noise
+    _, _, c_in = row.scalings(sigma, x0)
+    out = net(x * c_in, row.noise_input(sigma, None), cond)
+    target = row.target(x0, noise, sigma)
+    weight = (edm_loss_weight(sigma, sigma_data) * row.x0_error_scale(sigma)).to(out.dtype)
+    return weight * (out - target).pow(2).flatten(1).mean(1)

@@ -20,7 +20,8 @@ import torch
 
 from .errors import NoisecraftError
 
-BETA_SCHEDULES = ("linear", "scaled_linear", "cosine")
+BETA_SCHEDULES = ("linear", "scaled_linear", "cosine", "edm")
+EDM_SIGMA_MIN, EDM_SIGMA_MAX, EDM_RHO = 0.002, 80.0, 7.0   # Karras et al. 2022, Table 1 (the σ range they sample)
 MAX_T = 100_000    # diffusion steps; far above any published schedule, far below an allocation that fails
 
 
@@ -44,6 +45,19 @@ def cosine_betas(T: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Ten
 
     betas = [min(1 - f(i + 1) / f(i), max_beta) for i in range(T)]
     return torch.tensor(betas, dtype=torch.float64)
+
+
+def edm_betas(T: int, sigma_min: float = EDM_SIGMA_MIN, sigma_max: float = EDM_SIGMA_MAX,
+              rho: float = EDM_RHO) -> torch.Tensor:
+    """The discrete schedule of an EDM-preconditioned run: T noise levels σ_t from σ_min to σ_max spaced uniformly
+    in σ^(1/ρ) (Karras et al. 2022, eq. 5, ρ = 7), written as betas through ᾱ_t = 1/(1 + σ_t²),
+    β_t = 1 - ᾱ_t/ᾱ_{t-1}. An EDM network works at any σ; this grid is what the discrete samplers (DDPM, DDIM, PLMS)
+    and the variational bound visit, and it spans exactly the σ range EDM samples."""
+    ramp = torch.linspace(0, 1, T, dtype=torch.float64)
+    sigmas = (sigma_min ** (1 / rho) + ramp * (sigma_max ** (1 / rho) - sigma_min ** (1 / rho))) ** rho
+    alpha_bar = 1.0 / (1.0 + sigmas**2)
+    prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
+    return 1.0 - alpha_bar / prev
 
 
 def per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -91,7 +105,8 @@ class NoiseSchedule:
     @classmethod
     def create(cls, kind: str = "linear", T: int = 1000, beta_start: float | None = None,
                beta_end: float | None = None) -> "NoiseSchedule":
-        """A named beta schedule: `linear` (DDPM), `scaled_linear` (Stable Diffusion) or `cosine` (improved DDPM)."""
+        """A named beta schedule: `linear` (DDPM), `scaled_linear` (Stable Diffusion), `cosine` (improved DDPM) or
+        `edm` (σ 0.002..80 in EDM's ρ = 7 spacing, for EDM-preconditioned runs)."""
         if not isinstance(T, int) or not 2 <= T <= MAX_T:
             raise NoisecraftError(f"the number of diffusion steps T must be an integer in [2, {MAX_T}], got {T!r}.")
         kw = {k: v for k, v in (("beta_start", beta_start), ("beta_end", beta_end)) if v is not None}
@@ -99,6 +114,11 @@ class NoiseSchedule:
             betas = linear_betas(T, **kw)
         elif kind == "scaled_linear":
             betas = scaled_linear_betas(T, **kw)
+        elif kind == "edm":
+            if kw:
+                raise NoisecraftError("the edm schedule takes no beta_start/beta_end (it spans σ 0.002..80); "
+                                      "remove them.")
+            betas = edm_betas(T)
         elif kind in ("cosine", "squaredcos_cap_v2"):
             if kw:
                 raise NoisecraftError("the cosine schedule takes no beta_start/beta_end; remove them or use 'linear'.")

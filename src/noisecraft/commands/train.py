@@ -51,7 +51,11 @@ def _build_config(args, dataset, distributed=None):
         model["channel_mults"] = int_list(args.channel_mults, "--channel-mults")
     if args.attention_levels is not None:
         model["attention_levels"] = int_list(args.attention_levels, "--attention-levels", allow_none=True)
-    diffusion = dict(schedule=args.schedule, prediction=args.prediction, min_snr_gamma=args.min_snr_gamma,
+    if args.preconditioning == "edm" and args.prediction not in (None, "edm"):
+        raise NoisecraftError(f"--preconditioning edm trains EDM's own network output; drop --prediction "
+                              f"{args.prediction}.")
+    prediction = "edm" if args.preconditioning == "edm" else args.prediction
+    diffusion = dict(schedule=args.schedule, prediction=prediction, min_snr_gamma=args.min_snr_gamma,
                      learn_sigma=True if args.learn_sigma else None, vlb_weight=args.vlb_weight,
                      timestep_sampling=args.timestep_sampling,
                      loss=args.loss or ("hybrid" if args.learn_sigma else None))   # --learn-sigma alone: hybrid
@@ -87,7 +91,7 @@ def cmd_train(args) -> int:
 def _run_settings(args) -> dict:
     """The train flags that define a run (its config.json), by flag name."""
     names = ("out", "conditional", "latent", "text_encoder", "batch_size", "lr", "warmup_steps", "ema_decay", "seed",
-             "label_dropout", "schedule", "prediction", "min_snr_gamma", "learn_sigma", "loss", "vlb_weight",
+             "label_dropout", "schedule", "prediction", "preconditioning", "min_snr_gamma", "learn_sigma", "loss", "vlb_weight",
              "timestep_sampling", "base_channels", "channel_mults", "num_res_blocks", "attention_levels", "dropout")
     return {"--" + n.replace("_", "-"): getattr(args, n) for n in names}
 
@@ -165,7 +169,10 @@ def add_parsers(sub) -> None:
     t.add_argument("--label-dropout", "--caption-dropout", dest="label_dropout", type=float, default=None,
                    help="share of labels / captions dropped for classifier-free guidance (default 0.1)")
     t.add_argument("--schedule", default=None, help="linear | scaled_linear | cosine")
-    t.add_argument("--prediction", default=None, help="eps | x0 | v")
+    t.add_argument("--prediction", default=None, help="eps | x0 | v | edm")
+    t.add_argument("--preconditioning", default=None, choices=["vp", "edm"],
+                   help="edm: Karras et al. 2022's preconditioning, log-normal noise levels and loss weight, sampled "
+                        "with Heun on its σ's (default vp: DDPM's x_t and timestep)")
     t.add_argument("--min-snr-gamma", type=float, default=None, help="Min-SNR loss weighting (0 turns it off)")
     t.add_argument("--learn-sigma", action="store_true",
                    help="learn the reverse variance too (improved DDPM); trains with --loss hybrid unless told")

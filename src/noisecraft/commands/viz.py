@@ -78,7 +78,7 @@ def add_parsers(sub) -> None:
                    "run or an SD model) and decode it")
     v.add_argument("--model", default=None, help="viz sigmas: the run or SD model whose schedule and defaults to use "
                    "(default: Stable Diffusion's scaled_linear schedule and linspace spacing)")
-    v.add_argument("--spacing", default=None, choices=["leading", "trailing", "linspace"],
+    v.add_argument("--spacing", default=None, choices=["leading", "trailing", "linspace", "karras", "nested"],
                    help="viz sigmas: timestep spacing (default: the model's)")
     v.add_argument("--vae", default=None,
                    help="viz latents: the autoencoder (a train-vae run, a latent run or an SD model)")

@@ -21,7 +21,7 @@ class SamplingDefaults:
     sampler: str = "ddpm"          # any registered name or alias (see samplers/__init__.py)
     steps: int = 10                # sampler steps (network evaluations for first-order samplers)
     guidance: float = 1.0          # classifier-free guidance w; 1 = none (our w is the paper's w + 1)
-    spacing: str = "leading"       # which training timesteps the steps visit: leading | trailing | linspace
+    spacing: str = "leading"       # which σ's the steps visit: leading | trailing | linspace | karras | nested
     path_sampler: str = "ddim"     # interpolate_seeds: a deterministic sampler ...
     path_steps: int = 50           # ... and its steps
 
@@ -40,6 +40,22 @@ STABLE_DIFFUSION = SamplingDefaults(sampler="lms", steps=50, guidance=7.5, spaci
 STABLE_DIFFUSION_SIZE = 512      # SD 1.x's default height and width
 
 
-def defaults_for_run(text_conditional: bool) -> SamplingDefaults:
-    """The defaults of a run trained by noisecraft."""
+# EDM-preconditioned runs: EDM's own deterministic sampler, Heun (2nd order) on its ρ = 7 σ's (Karras et al. 2022,
+# Algorithm 1), which needs no stochasticity to reach its best: 10 steps are 19 network evaluations.
+OUR_EDM_RUN = SamplingDefaults(sampler="heun", steps=10, spacing="karras", path_sampler="heun", path_steps=10)
+OUR_EDM_TEXT_RUN = replace(OUR_EDM_RUN, steps=15, guidance=4.0)
+
+
+def distilled_defaults(steps: int, text_conditional: bool) -> SamplingDefaults:
+    """A distilled student (training/distill.py) samples as it was trained: Euler, its own steps, nested σ's."""
+    return SamplingDefaults(sampler="euler", steps=steps, spacing="nested", guidance=4.0 if text_conditional else 1.0,
+                            path_sampler="euler", path_steps=steps)
+
+
+def defaults_for_run(text_conditional: bool, edm: bool = False, distilled_steps: int | None = None) -> SamplingDefaults:
+    """The defaults of a run trained by noisecraft (EDM-preconditioned or not, or distilled to a few steps)."""
+    if distilled_steps:
+        return distilled_defaults(distilled_steps, text_conditional)
+    if edm:
+        return OUR_EDM_TEXT_RUN if text_conditional else OUR_EDM_RUN
     return OUR_TEXT_RUN if text_conditional else OUR_RUN

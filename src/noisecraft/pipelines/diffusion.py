@@ -49,7 +49,8 @@ class DiffusionPipeline:
         d = config.diffusion
         self.schedule = d.make_schedule()
         # x̂0 clipping to [-1, 1] is a pixel-range constraint; latents have no such range.
-        self.denoiser = Denoiser(self.model, self.schedule, d.prediction, clip_x0=d.clip_x0 and vae is None)
+        self.denoiser = Denoiser(self.model, self.schedule, d.prediction, clip_x0=d.clip_x0 and vae is None,
+                                 sigma_data=d.sigma_data)
         if (vae is None) != (config.latent is None):
             raise NoisecraftError("a latent run needs its VAE and a pixel run takes none; load it with from_run.")
         if (text_encoder is None) != (config.text is None):
@@ -60,7 +61,9 @@ class DiffusionPipeline:
         self._prompt_cache: dict[str, torch.Tensor] = {}
         # What every method uses for a setting left at None (pipelines/defaults.py); Stable Diffusion pipelines
         # (pipelines/stable_diffusion.py) replace them with SD's own.
-        self.defaults: SamplingDefaults = defaults_for_run(text_conditional=config.text is not None)
+        self.defaults: SamplingDefaults = defaults_for_run(
+            text_conditional=config.text is not None, edm=d.edm,
+            distilled_steps=config.distillation.steps if config.distillation else None)
 
     # --- the latent space and the text encoder ---------------------------------------------------
 
@@ -472,7 +475,8 @@ class DiffusionPipeline:
         masked_latents = self.encode(images * (1 - pixel_mask))     # the region to fill is blanked (0 = grey)
         small_mask = torch.nn.functional.interpolate(pixel_mask, size=masked_latents.shape[-2:])   # nearest
         net = ConditionedUNet(self.model, torch.cat([small_mask, masked_latents], dim=1))
-        base = Denoiser(net, self.schedule, self.config.diffusion.prediction, clip_x0=False)
+        base = Denoiser(net, self.schedule, self.config.diffusion.prediction, clip_x0=False,
+                        sigma_data=self.config.diffusion.sigma_data)
         run_kw, options = self._split(kwargs)
         shape = tuple(masked_latents.shape[1:])
         start_latents = self.encode(images) if strength < 1 else None

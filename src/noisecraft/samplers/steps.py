@@ -8,6 +8,8 @@ Sample Steps are Flawed", table 2):
     leading   t = 0, r, 2r, ... (r = T // steps)           DDIM paper, diffusers' default
     trailing  t = T-1, T-1-r, ... counting down from T      reaches the noisiest step
     linspace  t = round(linspace(0, T-1, steps))
+    karras    σ's of EDM eq. 5 between the schedule's σ_min and σ_max (the default of EDM-preconditioned runs)
+    nested    the same ρ-spacing with steps that halve into each other (`nested_sigmas`: distilled students)
 
 Or, for any model, the σ spacing of Karras et al. 2022 (EDM, eq. 5), `karras_sigmas`: uniform in σ^(1/ρ),
 which spends more steps at low noise. A discrete-time model then sees fractional timesteps, which the
@@ -22,7 +24,7 @@ import torch
 from ..errors import NoisecraftError
 from ..schedule import NoiseSchedule
 
-SPACINGS = ("leading", "trailing", "linspace")
+SPACINGS = ("leading", "trailing", "linspace", "karras", "nested")
 
 
 def select_timesteps(schedule: NoiseSchedule, steps: int, spacing: str = "leading") -> torch.Tensor:
@@ -49,6 +51,12 @@ def sigmas_from_timesteps(schedule: NoiseSchedule, timesteps: torch.Tensor) -> t
 
 
 def discrete_sigmas(schedule: NoiseSchedule, steps: int, spacing: str = "leading") -> torch.Tensor:
+    """The σ's of `steps` steps: the schedule's own at the spacing's timesteps, or for spacing "karras" EDM's
+    eq. 5 between the schedule's σ_min and σ_max (fractional timesteps)."""
+    if spacing == "karras":
+        return karras_sigmas(schedule.sigma_min, schedule.sigma_max, steps)
+    if spacing == "nested":
+        return nested_sigmas(schedule.sigma_min, schedule.sigma_max, steps)
     return sigmas_from_timesteps(schedule, select_timesteps(schedule, steps, spacing))
 
 
@@ -65,6 +73,20 @@ def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) 
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     sigmas = (hi + ramp * (lo - hi)) ** rho
     sigmas[-1], sigmas[0] = sigma_min, sigma_max        # exact ends: x^(1/ρ)^ρ can miss by an ulp
+    return torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])
+
+
+def nested_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> torch.Tensor:
+    """n steps whose σ's nest under halving, as progressive distillation needs (Salimans & Ho 2022, §3): EDM's
+    ρ-spacing with the ramp j/n instead of j/(n-1), σ_j = (σ_max^(1/ρ) + j/n·(σ_min^(1/ρ) - σ_max^(1/ρ)))^ρ for
+    j = 0..n-1, then 0. The n-step list is every other σ of the 2n-step one; n = 1 is [σ_max, 0]."""
+    if not isinstance(n, int) or n < 1:
+        raise NoisecraftError(f"the number of sampling steps must be an integer >= 1, got {n!r}.")
+    if not 0 < sigma_min < sigma_max:
+        raise NoisecraftError(f"nested sigmas need 0 < sigma_min < sigma_max, got {sigma_min} and {sigma_max}.")
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    sigmas = (hi + torch.arange(n, dtype=torch.float64) / n * (lo - hi)) ** rho
+    sigmas[0] = sigma_max
     return torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])
 
 

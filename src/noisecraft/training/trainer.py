@@ -16,7 +16,8 @@ the noise, t and label dropout come from one generator whose state is checkpoint
 reproduce 2N steps straight, bit for bit.
 
 The loss is DDPM's L_simple, or with a learned variance (improved DDPM) the hybrid L_simple + λ·L_vlb or the bound
-L_vlb itself (losses.training_loss); t is uniform or importance sampled (timestep_sampler.py).
+L_vlb itself (losses.training_loss); t is uniform or importance sampled (timestep_sampler.py). An EDM-preconditioned
+run (prediction "edm") instead draws log-normal σ's and trains on EDM's loss (losses.edm_loss).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from ..data.order import EpochOrder
 from ..errors import NoisecraftError
 from ..io.checkpoint import load_weights, save_json, save_weights
 from ..io.csv_log import append_row, truncate_log
-from ..losses import training_loss
+from ..losses import edm_loss, edm_sigmas, training_loss
 from ..models.unet import UNet
 from .distributed import Distributed
 from .ema import EMA
@@ -137,7 +138,10 @@ class Trainer:
         # The whole batch's random numbers are drawn on every process, in the same order, and each keeps its
         # slice: the step is then the same whatever the number of processes or micro-batches.
         x0, cond = self.batches.batch(indices, g, cfg.train.label_dropout, shard=mine)
-        t_all, weights = self.timestep_sampler.sample(n, g)
+        if d.edm:   # EDM: log-normal σ's instead of timesteps, every example weighted 1 (losses.edm_loss)
+            t_all, weights = edm_sigmas(n, g, d.p_mean, d.p_std), torch.ones(n)
+        else:
+            t_all, weights = self.timestep_sampler.sample(n, g)
         noise = torch.randn((n, *x0.shape[1:]), generator=g)[mine]
         t, weights = t_all[mine], weights[mine]
         self.model.train()
@@ -150,13 +154,16 @@ class Trainer:
         for i, part in enumerate(micro):
             last = i == len(micro) - 1
             with self.speed.no_sync(self.net, skip=not last):
+                args = (x0[part].to(self.device), t[part].to(self.device), noise[part].to(self.device),
+                        None if cond is None else cond[part].to(self.device))
                 with self.speed.autocast(self.device):
-                    losses = training_loss(self.net, self.schedule, x0[part].to(self.device),
-                                           t[part].to(self.device), noise[part].to(self.device),
-                                           None if cond is None else cond[part].to(self.device),
-                                           prediction=d.prediction, min_snr_gamma=d.min_snr_gamma,
-                                           learn_sigma=d.learn_sigma, loss=d.loss, vlb_weight=d.vlb_weight,
-                                           continuous_decoder=cfg.latent is not None)   # latents: not 8-bit pixels
+                    if d.edm:
+                        losses = edm_loss(self.net, *args, sigma_data=d.sigma_data)
+                    else:
+                        losses = training_loss(self.net, self.schedule, *args, prediction=d.prediction,
+                                               min_snr_gamma=d.min_snr_gamma, learn_sigma=d.learn_sigma, loss=d.loss,
+                                               vlb_weight=d.vlb_weight,
+                                               continuous_decoder=cfg.latent is not None)   # latents: not pixels
                 losses = losses.float()
                 self.speed.backward((losses * weights[part].to(self.device)).sum() * scale)
             per_example[part] = losses.detach().cpu()
