@@ -1,103 +1,129 @@
-"""Quality on a CPU budget: noisecraft's defaults vs diffusers' MNIST tutorial recipe, same minutes, same score.
+"""Quality on a CPU budget: noisecraft's recipes vs the recipes users would pick instead, same CPU-minutes, same score.
 
-    python benchmarks/mnist_budget.py --minutes 20            # the issue's benchmark (≈ 45 min in all)
-    python benchmarks/mnist_budget.py --minutes 2 --n 200     # a quick look
+    python benchmarks/mnist_budget.py --cpu-minutes 20 --jobs 2           # train, score and report (hours on 2 cores)
+    python benchmarks/mnist_budget.py --phase score --device cuda         # score trained models on a GPU
+    python benchmarks/mnist_budget.py --phase report                      # the tables and the plot from the JSONs
 
-Both models train for the same wall-clock minutes on MNIST's train split, then draw `--n` samples with
-DDIM-50; each set is scored with the FID-style domain score (Fréchet distance of features of a small MNIST
-classifier, trained once and cached; NOT comparable to published Inception FID) against the test split.
-Prints a table and writes grids and results.json under --out.
+Recipes (budget_run.py): noisecraft (today's defaults: cosine schedule, ε-prediction, Min-SNR 5), noisecraft-edm
+(--preconditioning edm), diffusers (its MNIST tutorial), lucidrains (denoising-diffusion-pytorch's README recipe,
+padded to 32×32) and smalldiffusion (its Fashion-MNIST DiT example). Each trains on one thread until its process
+has used --cpu-minutes of CPU time, `--jobs` at a time; CPU time, unlike wall time, stays fair when recipes share
+the machine. Then each draws --n samples with its own default sampler and at 20 network evaluations (ours: the
+whole sampler-vs-NFE table), scored with the FID-style domain score against the MNIST test split (Fréchet distance
+of a small MNIST classifier's features; lower is better; NOT comparable to published Inception FID).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
-import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from noisecraft.config import make_run_config  # noqa: E402
-from noisecraft.data.datasets import load_dataset  # noqa: E402
-from noisecraft.evaluation.classifier import load_or_train_classifier  # noqa: E402
-from noisecraft.evaluation.fid import domain_fid, reference_statistics  # noqa: E402
-from noisecraft.models.unet import count_parameters  # noqa: E402
-from noisecraft.pipelines.diffusion import DiffusionPipeline  # noqa: E402
-from noisecraft.training.trainer import Trainer  # noqa: E402
-from noisecraft.viz.images import save_grid  # noqa: E402
+HERE = Path(__file__).resolve().parent
+RECIPES = ("noisecraft", "noisecraft-edm", "diffusers", "lucidrains", "smalldiffusion")
 
 
-def run_noisecraft(train, minutes, n, out: Path, seed=0):
-    run = out / "noisecraft_run"
-    if run.exists():
-        import shutil
-        shutil.rmtree(run)
-    config = make_run_config(train, train={"minutes": minutes, "seed": seed, "sample_every": 0,
-                                           "checkpoint_every": 2000})
-    trainer = Trainer(config, train, run)
-    summary = trainer.fit()
-    pipe = DiffusionPipeline.from_run(run)
-    t0 = time.perf_counter()
-    images = pipe.sample(n, sampler="ddim", steps=50, seed=seed).images
-    sample_s = time.perf_counter() - t0
-    save_grid(images[:64], out / "noisecraft_grid.png", nrow=8)
-    return images, {"parameters": count_parameters(trainer.model), "steps": summary["steps"],
-                    "train_images_per_s": summary["images_per_s"], "sample_s_per_1000": sample_s / n * 1000}
+def run_phase(phase: str, recipe: str, args) -> int:
+    cmd = [sys.executable, str(HERE / "budget_run.py"), phase, "--dataset", args.dataset, "--recipe", recipe,
+           "--out", args.out, "--n", str(args.n), "--cpu-minutes", str(args.cpu_minutes), "--device", args.device]
+    if args.data_dir:
+        cmd += ["--data-dir", args.data_dir]
+    log = Path(args.out) / f"{phase}-{args.dataset}-{recipe}.log"
+    with open(log, "w") as f:
+        return subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)
 
 
-def run_recipe(train, minutes, n, out: Path, seed=0):
-    from diffusers_recipe import sample_recipe, train_recipe
+def load_results(out: Path, dataset: str) -> dict:
+    return {r: json.loads((out / f"{dataset}-{r}.json").read_text()) for r in RECIPES
+            if (out / f"{dataset}-{r}.json").exists()}
 
-    model, stats = train_recipe(train, minutes=minutes, seed=seed)
-    t0 = time.perf_counter()
-    images = sample_recipe(model, n, steps=50, seed=seed)
-    sample_s = time.perf_counter() - t0
-    save_grid(images[:64], out / "recipe_grid.png", nrow=8)
-    return images, {"parameters": stats["parameters"], "steps": stats["steps"],
-                    "train_images_per_s": stats["images_per_s"], "sample_s_per_1000": sample_s / n * 1000}
+
+def best(rows, pred):
+    picked = [r for r in rows if pred(r)]
+    return min(picked, key=lambda r: r["score"]) if picked else None
+
+
+def report(out: Path, dataset: str) -> None:
+    results = load_results(out, dataset)
+    if not results:
+        raise SystemExit(f"no results in {out}; run the train and score phases first.")
+    print(f"\n{dataset}: each recipe trained for {next(iter(results.values()))['cpu_minutes']:g} CPU-minutes on one "
+          f"thread; domain score of {next(iter(results.values()))['n']} samples (lower is better)\n")
+    print("| recipe | parameters | steps | images per CPU-s | own default sampler | score | best at ≤ 20 NFE | score |")
+    print("|---|---:|---:|---:|---|---:|---|---:|")
+    for name, r in results.items():
+        rows = r["samples"]
+        default = next((s for s in rows if s.get("default")), None)
+        cheap = best(rows, lambda s: s["nfe"] <= 20)
+        fmt = lambda s: (f"{s['sampler']} {s['steps']} ({s['nfe']} NFE)", f"{s['score']:.2f}") if s else ("–", "–")
+        print(f"| {name} | {r['parameters']:,} | {r['steps']} | {r['train_images_per_s']:.1f} | "
+              f"{' | '.join(fmt(default))} | {' | '.join(fmt(cheap))} |")
+    ours, edm = results.get("noisecraft"), results.get("noisecraft-edm")
+    if ours and edm:
+        ddim50 = next(s for s in ours["samples"] if (s["sampler"], s["steps"]) == ("ddim", 50))["score"]
+        cheap = best(edm["samples"], lambda s: s["nfe"] <= 20)
+        det20 = best(edm["samples"], lambda s: s["nfe"] <= 20 and s["sampler"] in ("heun", "euler", "dpmpp_2m", "ddim"))
+        top = best(edm["samples"] + ours["samples"], lambda s: True)
+        print(f"\ngoal 1: EDM at ≤ 20 NFE ({cheap['sampler']} {cheap['steps']}) {cheap['score']:.2f} vs half of today's "
+              f"DDIM-50 {ddim50 / 2:.2f} (DDIM-50 {ddim50:.2f}): ratio {cheap['score'] / ddim50:.2f}")
+        print(f"goal 2: deterministic at ≤ 20 NFE ({det20['sampler']} {det20['steps']}) {det20['score']:.2f} vs the best "
+              f"of either run at any NFE ({top['sampler']} {top['steps']}, {top['nfe']} NFE) {top['score']:.2f}: "
+              f"{det20['score'] / top['score'] - 1:+.0%}")
+        nfe_table(out, dataset, {"noisecraft": ours, "noisecraft-edm": edm})
+
+
+def nfe_table(out: Path, dataset: str, runs: dict) -> None:
+    samplers = sorted({s["sampler"] for r in runs.values() for s in r["samples"] if not s.get("default")})
+    print("\n| recipe | sampler | " + " | ".join(["NFE → score"]) + " |\n|---|---|---|")
+    for name, r in runs.items():
+        for sampler in samplers:
+            cells = sorted((s["nfe"], s["score"]) for s in r["samples"] if s["sampler"] == sampler and not s.get("default"))
+            print(f"| {name} | {sampler} | " + ", ".join(f"{n}: {v:.2f}" for n, v in cells) + " |")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 3.6), sharey=True)
+    for ax, (name, r) in zip(axes, runs.items()):
+        for sampler in samplers:
+            pts = sorted((s["nfe"], s["score"]) for s in r["samples"] if s["sampler"] == sampler and not s.get("default"))
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=sampler)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_title(name)
+        ax.set_xlabel("network evaluations")
+    axes[0].set_ylabel("domain score (lower is better)")
+    axes[-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / f"{dataset}_sampler_nfe.png", dpi=120)
+    print(f"\nplot: {out / f'{dataset}_sampler_nfe.png'}")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--minutes", type=float, default=20.0, help="training budget for each model")
-    p.add_argument("--n", type=int, default=1000, help="samples scored per model")
+    p.add_argument("--phase", choices=["all", "train", "score", "report"], default="all")
+    p.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=RECIPES)
+    p.add_argument("--dataset", default="mnist")
+    p.add_argument("--cpu-minutes", type=float, default=20.0, help="training budget per recipe, in CPU time")
+    p.add_argument("--jobs", type=int, default=2, help="recipes trained at a time (one thread each)")
+    p.add_argument("--device", default="cpu", help="where the score phase samples")
+    p.add_argument("--n", type=int, default=1000, help="samples scored per setting")
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--cache-dir", default=None, help="classifier cache (default ~/.cache/noisecraft/classifiers)")
-    p.add_argument("--skip-recipe", action="store_true", help="only train and score noisecraft")
     p.add_argument("--out", default="benchmarks/out/mnist_budget")
     args = p.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-
-    train = load_dataset("mnist", "train", data_dir=args.data_dir)
-    test = load_dataset("mnist", "test", data_dir=args.data_dir)
-    classifier = load_or_train_classifier("mnist", data_dir=args.data_dir, cache_dir=args.cache_dir)
-    reference = reference_statistics(test, classifier)
-
-    results = {"minutes": args.minutes, "n": args.n, "torch_threads": torch.get_num_threads()}
-    images, results["noisecraft"] = run_noisecraft(train, args.minutes, args.n, out)
-    results["noisecraft"]["score"] = domain_fid(images, reference, classifier)
-    if not args.skip_recipe:
-        images, results["diffusers_recipe"] = run_recipe(train, args.minutes, args.n, out)
-        results["diffusers_recipe"]["score"] = domain_fid(images, reference, classifier)
-        results["score_ratio_recipe_over_noisecraft"] = results["diffusers_recipe"]["score"] / results["noisecraft"]["score"]
-
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\nMNIST, {args.minutes:g} training minutes each, {args.n} DDIM-50 samples, domain score vs test split "
-          f"(lower is better)")
-    print(f"{'model':<18}{'params':>10}{'steps':>8}{'train img/s':>13}{'s/1000 samples':>16}{'score':>10}")
-    for key in ("noisecraft", "diffusers_recipe"):
-        if key in results:
-            r = results[key]
-            print(f"{key:<18}{r['parameters']:>10,}{r['steps']:>8}{r['train_images_per_s']:>13.1f}"
-                  f"{r['sample_s_per_1000']:>16.1f}{r['score']:>10.2f}")
-    if "score_ratio_recipe_over_noisecraft" in results:
-        print(f"recipe score / noisecraft score = {results['score_ratio_recipe_over_noisecraft']:.1f}x")
-    print(f"grids and results.json in {out}")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    for phase, jobs in (("train", args.jobs), ("score", 1)):
+        if args.phase in ("all", phase):
+            with ThreadPoolExecutor(jobs) as pool:
+                codes = list(pool.map(lambda r: run_phase(phase, r, args), args.recipes))
+            failed = [r for r, c in zip(args.recipes, codes) if c]
+            if failed:
+                print(f"{phase} failed for {failed}; see the logs in {args.out}", file=sys.stderr)
+    if args.phase in ("all", "report"):
+        report(Path(args.out), args.dataset)
 
 
 if __name__ == "__main__":

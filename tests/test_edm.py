@@ -229,3 +229,29 @@ def test_the_bound_reads_x0_through_the_edm_row(edm_run, few_digits):
     assert math.isfinite(bound["mean"]) and bound["mean"] > 0
     ode = ode_bits_per_dim(d, few_digits.images[:2], cond=labels[:2], rtol=1e-3, atol=1e-3)
     assert math.isfinite(float(ode["mean"]))
+
+
+def test_defaults_are_the_tables_values_bit_for_bit(edm_run):
+    pipe = DiffusionPipeline.from_run(edm_run)
+    plain = pipe.sample(2, seed=4, label=2).images
+    spelled = pipe.sample(2, seed=4, label=2, sampler="heun", steps=10, spacing="karras", guidance=1.0).images
+    assert torch.equal(plain, spelled)
+
+
+def test_latent_text_run_with_edm_trains_samples_and_distils(tmp_path):
+    from tiny_runs import train_tiny_vae_and_clip
+    vae, clip = train_tiny_vae_and_clip(tmp_path)
+    run = tmp_path / "ldm"
+    assert main(["train", "--dataset", "digits", "--latent", str(vae), "--text-encoder", str(clip),
+                 "--preconditioning", "edm", "--steps", "2", "--base-channels", "8", "--batch-size", "8",
+                 "--out", str(run)]) == 0
+    pipe = DiffusionPipeline.from_run(run)
+    d = pipe.config.diffusion
+    assert (d.prediction, d.sigma_data, d.p_mean) == ("edm", 1.0, round(-1.2 + math.log(2), 4))
+    assert (pipe.defaults.sampler, pipe.defaults.steps, pipe.defaults.guidance) == ("heun", 15, 4.0)
+    images = pipe.sample(2, prompt="a seven", steps=3, seed=0).images
+    assert images.shape == (2, 1, 16, 16) and bool(torch.isfinite(images).all())
+    assert main(["distill", str(run), "--out", str(tmp_path / "fast"), "--teacher-steps", "2", "--iterations", "2",
+                 "--batch-size", "4"]) == 0
+    student = DiffusionPipeline.from_run(tmp_path / "fast" / "steps-1")
+    assert bool(torch.isfinite(student.sample(2, prompt="a seven", seed=0).images).all())
