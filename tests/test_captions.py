@@ -41,7 +41,7 @@ def test_templates_cover_every_class():
     assert class_prompts("fashion_mnist")[9] == "a photo of an ankle boot"
     assert "a photo of a pair of trousers" in fashion[1] and "a photo of a t-shirt" in fashion[0]
     with pytest.raises(NoisecraftError, match="no built-in class captions"):
-        class_prompts("cifar10")
+        class_prompts("cifar-100")
     with pytest.raises(NoisecraftError, match="does not exist"):
         class_prompt("mnist", 10)
 
@@ -62,7 +62,7 @@ def test_class_dataset_captions_and_sampling():
     real = load_dataset("digits")
     assert len(captions_for(real)) == len(real)
     with pytest.raises(NoisecraftError, match="no built-in class captions"):
-        captions_for(_fake("cifar10", [0]))
+        captions_for(_fake("cifar-100", [0]))
 
 
 def test_sampling_is_uniform_over_real_choices():

@@ -165,6 +165,11 @@ def test_cli_preconditioning_flag(tmp_path, capsys):
     pipe = DiffusionPipeline.from_run(tmp_path / "run")
     assert pipe.config.diffusion.prediction == "edm"
     assert (pipe.defaults.sampler, pipe.defaults.spacing) == ("heun", "karras")
+    import numpy as np
+    for name, extra in (("plain", []), ("churn", ["--s-churn", "40"])):
+        assert main(["sample", str(tmp_path / "run"), "--n", "2", "--out", str(tmp_path / f"{name}.npz")] + extra) == 0
+    plain, churned = (np.load(tmp_path / f"{n}.npz")["images"] for n in ("plain", "churn"))
+    assert plain.shape == churned.shape and not np.array_equal(plain, churned)
 
 
 # ------------------------------------------------------------------------------- training

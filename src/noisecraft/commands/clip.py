@@ -16,8 +16,8 @@ DEFAULT_CLIP_MINUTES = 4.0   # enough for > 90% zero-shot accuracy on MNIST on a
 
 def add_parsers(sub) -> None:
     p = sub.add_parser("train-clip", help="train a CLIP text encoder (and image encoder) on a captioned dataset")
-    p.add_argument("--dataset", default="mnist", help="digits | mnist | fashion-mnist | folder:PATH (with captions.jsonl "
-                                                      "or captions.csv)")
+    p.add_argument("--dataset", default="mnist", help="digits | mnist | fashion-mnist | cifar10 | folder:PATH "
+                                                      "(with captions.jsonl or captions.csv)")
     p.add_argument("--data-dir", default=None, help="where dataset files live (default $NOISECRAFT_DATA or ~/.cache/noisecraft)")
     p.add_argument("--image-size", type=int, default=None, help="resize images to this square size")
     p.add_argument("--no-download", action="store_true", help="never download; fail if the files are missing")

@@ -11,7 +11,7 @@ def load_data(args, split="train"):
 
 def add_data_args(q) -> None:
     """--dataset, --data-dir, --image-size, --no-download."""
-    q.add_argument("--dataset", default="mnist", help="digits | mnist | fashion-mnist | folder:PATH")
+    q.add_argument("--dataset", default="mnist", help="digits | mnist | fashion-mnist | cifar10 | folder:PATH")
     q.add_argument("--data-dir", default=None, help="where dataset files live (default $NOISECRAFT_DATA or ~/.cache/noisecraft)")
     q.add_argument("--image-size", type=int, default=None, help="resize images to this square size")
     q.add_argument("--no-download", action="store_true", help="never download; fail if the files are missing")

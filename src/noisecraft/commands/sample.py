@@ -63,6 +63,8 @@ def _sampler_options(args) -> dict:
         options["variance"] = args.variance
     if getattr(args, "karras", False):
         options["karras"] = True
+    if getattr(args, "s_churn", None) is not None:   # EDM's churn (Algorithm 2), for euler and heun
+        options["s_churn"] = args.s_churn
     return options
 
 
@@ -431,6 +433,8 @@ def add_sampling_args(q, outputs: bool = True) -> None:
     q.add_argument("--karras", action="store_true", help="Karras et al. (EDM) sigma spacing instead of --spacing")
     q.add_argument("--eta", type=finite_float(lo=0), default=None,
                    help="noise of ddim, euler_ancestral, dpmpp_2m_sde (0: deterministic)")
+    q.add_argument("--s-churn", type=finite_float(lo=0), default=None,
+                   help="euler / heun: EDM's churn S_churn (Karras et al. 2022, Alg. 2; 0 = deterministic)")
     q.add_argument("--variance", default=None,
                    help="DDPM variance: small (posterior) | large (beta) | learned (--learn-sigma models' default)")
     q.add_argument("--guidance", type=finite_float(), default=None,

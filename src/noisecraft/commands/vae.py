@@ -95,7 +95,7 @@ def latent_figure(vae, image, path) -> Path:
 def add_parsers(sub) -> None:
     """Register `train-vae` on the sub-parsers of the noisecraft command line."""
     t = sub.add_parser("train-vae", help="train the KL autoencoder of latent diffusion")
-    t.add_argument("--dataset", default="mnist", help="digits | mnist | fashion-mnist | folder:PATH")
+    t.add_argument("--dataset", default="mnist", help="digits | mnist | fashion-mnist | cifar10 | folder:PATH")
     t.add_argument("--data-dir", default=None, help="where dataset files live (default $NOISECRAFT_DATA or ~/.cache/noisecraft)")
     t.add_argument("--image-size", type=int, default=None, help="resize images to this square size")
     t.add_argument("--no-download", action="store_true", help="never download; fail if the files are missing")

@@ -79,7 +79,7 @@ def cmd_eval_vdm(args) -> int:
 def add_parsers(sub) -> None:
     """Register `train-vdm` and `eval-vdm` on the sub-parsers of the noisecraft command line."""
     t = sub.add_parser("train-vdm", help="train a variational diffusion model (learned schedule, bits/dim)")
-    t.add_argument("--dataset", default="mnist", help="digits | mnist | fashion-mnist | folder:PATH")
+    t.add_argument("--dataset", default="mnist", help="digits | mnist | fashion-mnist | cifar10 | folder:PATH")
     t.add_argument("--data-dir", default=None,
                    help="where dataset files live (default $NOISECRAFT_DATA or ~/.cache/noisecraft)")
     t.add_argument("--image-size", type=int, default=None, help="resize images to this square size")

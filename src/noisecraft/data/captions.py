@@ -57,6 +57,29 @@ FASHION_TEMPLATES = [
     "a small photo of {item}",
 ]
 
+# CIFAR-10's classes with their article, the first name canonical ("cifar10" and the "cifar10-jpeg" copy).
+CIFAR10_NAMES = [
+    ["an airplane", "a plane", "an aeroplane"],
+    ["a car", "an automobile"],
+    ["a bird"],
+    ["a cat"],
+    ["a deer"],
+    ["a dog"],
+    ["a frog"],
+    ["a horse"],
+    ["a ship", "a boat"],
+    ["a truck", "a lorry"],
+]
+# {item}: "a cat", "an airplane".
+CIFAR10_TEMPLATES = [
+    "a photo of {item}",
+    "{item}",
+    "a small photo of {item}",
+    "a blurry photo of {item}",
+    "a low resolution photo of {item}",
+    "a picture of {item}",
+]
+
 CAPTION_FILES = ("captions.jsonl", "captions.csv")
 
 
@@ -98,18 +121,23 @@ class Captions:
 
 def _dataset_key(name: str) -> str:
     key = name.strip().lower().replace("_", "-")
+    if key in ("cifar-10", "cifar10-jpeg", "cifar-10-jpeg"):
+        return "cifar10"
     return "digits" if key == "mnist" else key
 
 
 def class_captions(dataset_name: str) -> list[list[str]]:
-    """All captions of each class of a built-in dataset ("mnist", "digits", "fashion-mnist")."""
+    """All captions of each class of a built-in dataset ("mnist", "digits", "fashion-mnist", "cifar10")."""
     key = _dataset_key(dataset_name)
     if key == "digits":
         return [[t.format(word=w, digit=d) for t in DIGIT_TEMPLATES] for d, w in enumerate(DIGIT_WORDS)]
     if key == "fashion-mnist":
         return [[t.format(item=n) for n in names for t in FASHION_TEMPLATES] for names in FASHION_NAMES]
-    raise NoisecraftError(f"dataset {dataset_name!r} has no built-in class captions; use mnist, digits or "
-                          "fashion-mnist, or a folder:PATH dataset with a captions.jsonl or captions.csv file.")
+    if key == "cifar10":
+        return [[t.format(item=n) for n in names for t in CIFAR10_TEMPLATES] for names in CIFAR10_NAMES]
+    raise NoisecraftError(f"dataset {dataset_name!r} has no built-in class captions; use mnist, digits, "
+                          "fashion-mnist or cifar10, or a folder:PATH dataset with a captions.jsonl or captions.csv "
+                          "file.")
 
 
 def class_prompts(dataset_name: str) -> list[str]:
@@ -135,7 +163,7 @@ def _table(per_example: list[list[str]]) -> Captions:
 
 
 def captions_for(dataset) -> Captions:
-    """Captions of every example of an `ImageDataset`: class templates for mnist/digits/fashion-mnist,
+    """Captions of every example of an `ImageDataset`: class templates for mnist/digits/fashion-mnist/cifar10,
     or the captions.jsonl / captions.csv file of a folder:PATH dataset."""
     name = dataset.name
     if name.startswith("folder:"):

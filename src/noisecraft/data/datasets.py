@@ -1,4 +1,4 @@
-"""In-memory image datasets: scikit-learn digits, MNIST, Fashion-MNIST and any folder of images.
+"""In-memory image datasets: scikit-learn digits, MNIST, Fashion-MNIST, CIFAR-10 and any folder of images.
 
 Everything is held as one uint8 N×C×H×W tensor, so a training batch is a single indexing op.
 """
@@ -20,9 +20,13 @@ import torch.nn.functional as F
 
 from ..errors import NoisecraftError, brief
 from ..memory import physical_memory
+from .cifar import find_cifar10, load_cifar10
 from .download import SOURCES, ensure_files
 
-DATASET_NAMES = ("digits", "mnist", "fashion-mnist")  # plus "folder:PATH"
+# "cifar10" is the canonical pickle release when present, else the lossy JPEG copy, whose datasets are named
+# "cifar10-jpeg" (so that runs, cached classifiers and scores never mix the two); "cifar10-jpeg" asks for the copy.
+DATASET_NAMES = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar10-jpeg")  # plus "folder:PATH"
+CIFAR_NAMES = {"cifar10": None, "cifar-10": None, "cifar10-jpeg": "jpeg", "cifar-10-jpeg": "jpeg"}
 SPLITS = ("train", "test")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
 
@@ -101,11 +105,12 @@ def load_dataset(
     name: str, split: str = "train", data_dir: str | Path | None = None, download: bool = True,
     image_size: int | None = None,
 ) -> ImageDataset:
-    """Load a dataset by name: "digits", "mnist", "fashion-mnist" or "folder:PATH".
+    """Load a dataset by name: "digits", "mnist", "fashion-mnist", "cifar10", "cifar10-jpeg" or "folder:PATH".
 
     `split` is "train" or "test". `image_size`, when given, resizes every image to a square of that
     side (bilinear; non-square folder images are centre-cropped first). MNIST-style files are read
-    from `<data_dir>/<name>/` and downloaded there if missing and `download` is true. A folder
+    from `<data_dir>/<name>/` and downloaded there if missing and `download` is true. CIFAR-10 is never
+    downloaded: it is read from `<data_dir>` (see `noisecraft.data.cifar.find_cifar10`). A folder
     dataset has no test split: `split="test"` raises NoisecraftError rather than silently returning
     the training images, so that test metrics are never computed on training data by accident.
     """
@@ -134,10 +139,26 @@ def load_dataset(
         return _load_digits(split, image_size)
     if key in SOURCES:
         return _load_idx_dataset(key, split, resolve_data_dir(data_dir), download, image_size)
+    if key in CIFAR_NAMES:
+        return _load_cifar(split, resolve_data_dir(data_dir), CIFAR_NAMES[key], image_size)
     raise NoisecraftError(
         f"Unknown dataset {name!r}; use one of {', '.join(DATASET_NAMES)}, "
         "or folder:PATH for a folder of images."
     )
+
+
+def dataset_name_for(name: str, data_dir: str | Path | None = None) -> str:
+    """The name `load_dataset(name, data_dir=...)` gives the dataset it loads, found without loading it: "cifar10"
+    is "cifar10-jpeg" when only the lossy JPEG copy is there (caches keyed by it then never mix the two). Other
+    names, and names of datasets that are not there, come back unchanged."""
+    key = name.strip().lower().replace("_", "-") if isinstance(name, str) else name
+    if key not in CIFAR_NAMES:
+        return name
+    try:
+        kind, _ = find_cifar10(resolve_data_dir(data_dir), CIFAR_NAMES[key])
+    except NoisecraftError:
+        return name
+    return "cifar10-jpeg" if kind == "jpeg" else "cifar10"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -324,6 +345,20 @@ def _load_idx_dataset(
         check_memory(len(images), 1, image_size, 4, f"{source.title} at --image-size {image_size}")
         images = _resize(images, image_size)
     return ImageDataset(images, labels, list(classes), key)
+
+
+# --------------------------------------------------------------------------------------------------
+# CIFAR-10 (the readers live in .cifar)
+
+
+def _load_cifar(split: str, data_dir: Path, prefer: str | None, image_size: int | None) -> ImageDataset:
+    found = load_cifar10(split, data_dir, prefer)
+    images, labels = torch.from_numpy(found.images), torch.from_numpy(found.labels)
+    if image_size is not None:
+        check_memory(len(images), 3, image_size, 4, f"CIFAR-10 at --image-size {image_size}")
+        images = _resize(images, image_size)
+    name = "cifar10" if found.source == "canonical" else "cifar10-jpeg"
+    return ImageDataset(images, labels, list(found.class_names), name)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -24,7 +24,8 @@ import torch
 from ..errors import NoisecraftError
 from ..schedule import NoiseSchedule
 
-SPACINGS = ("leading", "trailing", "linspace", "karras", "nested")
+SPACINGS = ("leading", "trailing", "linspace")        # timestep spacings, as diffusers names them
+SIGMA_SPACINGS = ("karras", "nested")                 # σ spacings between the schedule's σ_min and σ_max
 
 
 def select_timesteps(schedule: NoiseSchedule, steps: int, spacing: str = "leading") -> torch.Tensor:
@@ -41,7 +42,7 @@ def select_timesteps(schedule: NoiseSchedule, steps: int, spacing: str = "leadin
     elif spacing == "linspace":
         ts = torch.from_numpy(np.linspace(0, T - 1, steps).round()).long()
     else:
-        raise NoisecraftError(f"unknown timestep spacing {spacing!r}; choose one of {', '.join(SPACINGS)}.")
+        raise NoisecraftError(f"unknown spacing {spacing!r}; choose one of {', '.join(SPACINGS + SIGMA_SPACINGS)}.")
     return ts.long().flip(0)
 
 

@@ -154,7 +154,7 @@ class TrainingJob:
     def start(cls, dataset: str, kind: str = "unconditional", minutes: float | None = 5.0, out_dir=None,
               threads: int | None = None, *, steps: int | None = None, sample_every: int | None = None,
               log_every: int = LOG_EVERY, extra_args=(), set_server_threads: bool = True) -> TrainingJob:
-        """Start training a new run in out_dir on `dataset` (digits | mnist | fashion-mnist | folder:PATH), as
+        """Start training a new run in out_dir on `dataset` (digits | mnist | fashion-mnist | cifar10 | folder:PATH), as
         `kind` (unconditional | class-conditional | vae), for `minutes` and/or `steps`. threads: the trainer's
         (default: all cores but one); the server keeps the rest (set here unless set_server_threads=False)."""
         if kind not in KINDS:
@@ -294,7 +294,7 @@ def wait_until(condition, timeout: float, every: float = 0.2) -> bool:
 
 # --- the tab's handlers (plain functions; build_tab wires them to Gradio) -------------------------
 
-DATASETS = ["digits", "mnist", "fashion-mnist"]
+DATASETS = ["digits", "mnist", "fashion-mnist", "cifar10"]
 
 
 def run_folder(root, name: str) -> Path:
