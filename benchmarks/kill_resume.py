@@ -2,6 +2,7 @@
 
     python benchmarks/kill_resume.py                  # 20 kills, about half of them during a checkpoint write
     python benchmarks/kill_resume.py --kills 5 --seed 1 --save
+    python benchmarks/kill_resume.py --shards --checkpoint-every 1     # streamed from tar shards, 2 data workers
 
 A tiny U-Net trains on scikit-learn's digits in a subprocess (one thread). Kills alternate between two kinds:
 "write" kills pick a part of a checkpoint write at random (the temporary file of config.json, of each file of
@@ -22,6 +23,11 @@ step time sets the random kills' delays), and at the end state/model.safetensors
 state/optimizer.pt and model.safetensors of both runs must be equal bit for bit (torch.equal on every tensor),
 log.csv must hold steps 1..S once each, and no temporary file may be left in the run folder. Exits with status 1
 if any check fails; --save writes the summary to benchmarks/results/kill_resume.json.
+
+--shards streams the same digits from tar shards written into OUT/shards (`noisecraft train --data`, with --workers
+data-loading processes, which die with the killed trainer): the resumed run reopens the stream at sample
+step·batch_size, so it must end bit for bit equal to the uninterrupted one as well. The granularity is the
+checkpoint: a kill loses the steps since the last one (with --checkpoint-every 1, at most the step in flight).
 """
 
 from __future__ import annotations
@@ -219,11 +225,15 @@ def same_tensors(a: Path, b: Path) -> bool:
 # ------------------------------------------------------------------ running and killing
 
 
-def train_command(run: Path, steps: int, checkpoint_every: int, resume: bool) -> list[str]:
+def train_command(run: Path, steps: int, checkpoint_every: int, resume: bool, shards: Path | None = None,
+                  workers: int = 1) -> list[str]:
+    """The training command; with `shards`, streamed from that shard folder by `workers` processes."""
     base = [sys.executable, "-m", "noisecraft", "train", "--steps", str(steps)]
+    streamed = ["--workers", str(workers)] if shards is not None else []
     if resume:
-        return base + ["--resume", str(run)]
-    return base + MODEL_ARGS + ["--checkpoint-every", str(checkpoint_every), "--out", str(run)]
+        return base + ["--resume", str(run)] + streamed
+    model = MODEL_ARGS if shards is None else ["--data", str(shards)] + MODEL_ARGS[2:]    # not --dataset digits
+    return base + model + streamed + ["--checkpoint-every", str(checkpoint_every), "--out", str(run)]
 
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -352,11 +362,20 @@ def run_until_killed(proc, run: Path, watcher: Watcher, kind: str, resumed_from:
 
 
 def run_harness(out: Path, *, kills: int = 20, seed: int = 0, steps: int | None = None, checkpoint_every: int = 10,
-                poll_ms: float = 0.2, verbose: bool = True, fork: bool = False) -> dict:
+                poll_ms: float = 0.2, verbose: bool = True, fork: bool = False, shards: bool = False,
+                workers: int = 1) -> dict:
     """Train into out/straight without interruption, then into out/run with `kills` SIGKILLs and resumes; return
     the summary (see the module docstring). `steps` defaults to (kills + 2)·C; a kill is never aimed past the end.
-    fork: run the commands in forked copies of this process (for the tests)."""
+    fork: run the commands in forked copies of this process (for the tests). shards: stream the digits from tar
+    shards written into out/shards, decoded by `workers` processes."""
     c = checkpoint_every
+    data = None
+    if shards:
+        from noisecraft.data.shards import write_shards
+        data = out / "shards"
+        if not (data / "manifest.json").is_file():
+            write_shards("digits", data, shard_size=250, overwrite=True)
+    command = lambda path, resume: train_command(path, steps, c, resume, data, workers)
     steps = steps or (kills + 2) * c
     rng = random.Random(seed)
     run, logs = out / "run", out / "logs"
@@ -369,7 +388,7 @@ def run_harness(out: Path, *, kills: int = 20, seed: int = 0, steps: int | None 
     # the reference first: the same training without interruption (with fork=True it runs in this process, which
     # then holds everything the forked runs share: imports, the dataset)
     ref, t0 = out / "straight", time.perf_counter()
-    if run_to_end(train_command(ref, steps, c, resume=False), logs / "straight.txt", here=fork) != 0:
+    if run_to_end(command(ref, False), logs / "straight.txt", here=fork) != 0:
         problems.append(f"the uninterrupted run failed; see {logs / 'straight.txt'}")
         return {"ok": False, "problems": problems}
     straight_s, t0 = time.perf_counter() - t0, time.perf_counter()
@@ -379,7 +398,7 @@ def run_harness(out: Path, *, kills: int = 20, seed: int = 0, steps: int | None 
     while len(records) < kills:
         kind = "write" if len(records) % 2 == 0 else "random"
         resume = resumable > 0
-        proc = launch(train_command(run, steps, c, resume), logs / f"{invocation:02d}.txt", fork)
+        proc = launch(command(run, resume), logs / f"{invocation:02d}.txt", fork)
         invocation += 1
         watcher = Watcher(run, last_step if resume else 0)
         killed, aim = run_until_killed(proc, run, watcher, kind, resumable, c, steps, rng, step_s, poll_ms / 1e3)
@@ -413,7 +432,7 @@ def run_harness(out: Path, *, kills: int = 20, seed: int = 0, steps: int | None 
             shutil.rmtree(run)
         resumable, last_step = step, log_step
     # finish the interrupted run and compare it with the uninterrupted one
-    if launch(train_command(run, steps, c, resume=resumable > 0), logs / "final.txt", fork).wait() != 0:
+    if launch(command(run, resumable > 0), logs / "final.txt", fork).wait() != 0:
         problems.append(f"the final resume failed; see {logs / 'final.txt'}")
     interrupted_s = time.perf_counter() - t0
     equal = {}
@@ -439,7 +458,7 @@ def run_harness(out: Path, *, kills: int = 20, seed: int = 0, steps: int | None 
     lost = [r.lost for r in records]
     return {
         "kills": len(records), "kills_during_write": during, "write_phases": phases,
-        "steps": steps, "checkpoint_every": c, "seed": seed, "step_ms": round(1e3 * step_s, 1),
+        "steps": steps, "checkpoint_every": c, "seed": seed, "shards": shards, "step_ms": round(1e3 * step_s, 1),
         "lost_per_kill": lost, "max_lost": max(lost, default=0), "mean_lost": sum(lost) / max(len(lost), 1),
         "bitwise_equal": equal, "problems": problems, "ok": not problems and len(records) == kills,
         "seconds_interrupted": round(interrupted_s, 1), "seconds_straight": round(straight_s, 1),
@@ -454,11 +473,14 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None, help="target step (default (kills + 2)·C)")
     p.add_argument("--checkpoint-every", type=int, default=10, help="C")
     p.add_argument("--out", default="benchmarks/out/kill_resume")
-    p.add_argument("--save", action="store_true", help="write benchmarks/results/kill_resume.json")
+    p.add_argument("--shards", action="store_true", help="stream the digits from tar shards (noisecraft train --data)")
+    p.add_argument("--workers", type=int, default=2, help="with --shards: data-loading processes")
+    p.add_argument("--save", action="store_true", help="write benchmarks/results/kill_resume.json "
+                                                       "(kill_resume_shards.json with --shards)")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     s = run_harness(Path(args.out), kills=args.kills, seed=args.seed, steps=args.steps,
-                    checkpoint_every=args.checkpoint_every)
+                    checkpoint_every=args.checkpoint_every, shards=args.shards, workers=args.workers)
     s["wall_s"] = round(time.perf_counter() - t0, 1)
     if "kills" not in s:
         print("FAILED" + "".join(f"\n  {p}" for p in s["problems"]))
@@ -472,7 +494,7 @@ def main(argv=None) -> int:
           + (", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in s["bitwise_equal"].items()) or "not compared"))
     print(f"{'OK' if s['ok'] else 'FAILED'} in {s['wall_s']} s" + "".join(f"\n  {p}" for p in s["problems"]))
     if args.save:
-        path = Path(__file__).parent / "results" / "kill_resume.json"
+        path = Path(__file__).parent / "results" / ("kill_resume_shards.json" if args.shards else "kill_resume.json")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(s, indent=2) + "\n")
         print(f"wrote {path}")

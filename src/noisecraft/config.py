@@ -133,12 +133,16 @@ class DataConfig:
     image_shape: tuple[int, int, int] = (1, 16, 16)   # (C, H, W)
     class_names: list[str] = field(default_factory=list)
     conditional: bool = False         # class-conditional training
+    shards: str | None = None         # streamed from this shard folder (data/sources.py) instead of held in memory
+    shards_fingerprint: str | None = None   # sha256 over the shards' names, counts and checksums: --resume checks it
 
     RULES = (   # field, type, allowed values, None allowed (settings.check_fields)
         ("dataset", "str", None, False),
         ("image_shape", "shape", None, False),
         ("class_names", "strs", None, False),
         ("conditional", "bool", None, False),
+        ("shards", "str", None, True),
+        ("shards_fingerprint", "str", None, True),
     )
 
     def __post_init__(self):

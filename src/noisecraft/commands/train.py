@@ -1,8 +1,9 @@
 """`noisecraft train`: a diffusion model (pixel or latent; unconditional, class or text), on one process or
-under torchrun, with exact resume."""
+under torchrun, with exact resume; from a dataset in memory, or streamed from a shard set with --data."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from ..config import DEFAULT_MINUTES
@@ -96,6 +97,21 @@ def _run_settings(args) -> dict:
     return {"--" + n.replace("_", "-"): getattr(args, n) for n in names}
 
 
+def _load(args, config=None):
+    """The training data: a built-in or folder dataset in memory, or (--data, or a run trained on shards) a shard set
+    streamed by --workers processes. On resume the shards may have moved (--data); their fingerprint is checked."""
+    from ..data.sources import open_shard_dataset
+    folder = args.data if args.data is not None else (config.data.shards if config is not None else None)
+    if folder is None:
+        return load_data(args)
+    if config is not None:       # the run's own size: crop and resize only where the first invocation did
+        _, h, w = config.data.image_shape
+        size = h if h == w else None
+    else:
+        size = args.image_size
+    return open_shard_dataset(folder, size, workers=args.workers, max_bad=args.max_bad)
+
+
 def _train(args, distributed, speed) -> int:
     from ..config import load_run_config
     from ..io.checkpoint import existing_state_dir
@@ -113,7 +129,7 @@ def _train(args, distributed, speed) -> int:
         if fixed:
             raise NoisecraftError(f"{', '.join(fixed)} cannot change when resuming: the run keeps the settings in "
                                   f"{run / 'config.json'}; drop them, or start a new run with --out.")
-        dataset = load_data(args)
+        dataset = _load(args, config)
         trainer = resume_trainer(run, dataset, steps=args.steps, minutes=args.minutes, sample_every=args.sample_every,
                                  checkpoint_every=args.checkpoint_every, log_every=args.log_every, **options)
         say(f"resuming {run} at step {trainer.step}")
@@ -128,29 +144,46 @@ def _train(args, distributed, speed) -> int:
         if args.conditional and args.text_encoder:
             raise NoisecraftError("choose one kind of condition: --conditional (class labels) or --text-encoder "
                                   "(captions), not both.")
-        dataset = load_data(args)
+        if args.data is not None and args.dataset not in (None, "mnist"):     # (mnist: --dataset's default)
+            raise NoisecraftError(f"choose one source of images: --data {args.data} (shards) or --dataset "
+                                  f"{args.dataset} (in memory), not both.")
+        dataset = _load(args)
         config = _build_config(args, dataset, distributed)
+        streamed = args.data is not None
+        if streamed:    # where the shards are, and what they are: --resume refuses other shards
+            config.data = replace(config.data, shards=str(dataset.folder.resolve()),
+                                  shards_fingerprint=dataset.fingerprint)
         trainer = Trainer(config, dataset, out, **options)
         budget = (f"{config.train.steps} steps" if config.train.steps else "") + \
                  (" or " if config.train.steps and config.train.minutes else "") + \
                  (f"{config.train.minutes:g} minutes" if config.train.minutes else "")
         space = f", latents {'x'.join(map(str, config.latent.latent_shape))}" if config.latent else ""
         cond = ", text-conditional" if config.text else (", class-conditional" if config.data.conditional else "")
-        say(f"training on {dataset.name} ({len(dataset)} images {'x'.join(map(str, dataset.image_shape))}{space}"
+        where = (f"the shards in {dataset.folder} ({dataset.name}, {len(dataset.manifest.shards)} shards, "
+                 f"data workers: {dataset.workers})" if streamed else dataset.name)
+        say(f"training on {where} ({len(dataset)} images {'x'.join(map(str, dataset.image_shape))}{space}"
             f"{cond}), U-Net {count_parameters(trainer.model) / 1e6:.2f}M parameters, budget {budget} -> {out}")
     if distributed.active:
         share = config.train.batch_size / distributed.world_size
         say(f"{distributed.world_size} processes ({distributed.device.type}), about {share:.0f} images each per "
             f"step in {args.accumulate} micro-batch(es)")
     summary = trainer.fit(sample_fn=_sample_grid_fn())
-    say(f"done: {summary['steps']} steps, loss {summary['loss']:.4f}, {summary['images_per_s']:.0f} images/s; "
-          f"EMA weights in {trainer.out_dir / 'model.safetensors'}")
+    skipped = f", {summary['skipped']} unreadable samples skipped" if summary["skipped"] else ""
+    say(f"done: {summary['steps']} steps, loss {summary['loss']:.4f}, {summary['images_per_s']:.0f} images/s{skipped}; "
+        f"EMA weights in {trainer.out_dir / 'model.safetensors'}")
     return 0
 
 
 def add_parsers(sub) -> None:
     t = sub.add_parser("train", help="train a diffusion model: pixel or latent, unconditional, class or text")
     add_data_args(t)
+    t.add_argument("--data", default=None, metavar="SHARDS",
+                   help="stream the images from this shard folder (noisecraft shard) instead of --dataset in memory")
+    t.add_argument("--workers", type=count, default=None, metavar="N",
+                   help="--data: processes decoding the shards (0: in the training process; default: one per core "
+                        "but one, at most 2)")
+    t.add_argument("--max-bad", type=count, default=100, metavar="N",
+                   help="--data: stop after more than N unreadable samples per process (default 100)")
     t.add_argument("--out", default=None, help="new run directory")
     t.add_argument("--resume", default=None, help="continue the run in this directory")
     t.add_argument("--conditional", action="store_true", help="class-conditional (with label dropout for guidance)")

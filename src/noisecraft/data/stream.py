@@ -423,8 +423,10 @@ class ShardLoader:
         if self.num_workers == 0:
             source = iter(self.stream)
         else:
+            # its own generator: a DataLoader otherwise draws its workers' base seed from torch's global RNG, which
+            # training checkpoints (dropout), so opening a loader would change the run
             source = iter(DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
-                                     prefetch_factor=self.prefetch_factor))
+                                     prefetch_factor=self.prefetch_factor, generator=torch.Generator()))
         try:
             yield from self._checked(source)
         finally:    # stop the workers now, not when an exception that still references this frame is collected

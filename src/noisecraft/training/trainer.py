@@ -10,10 +10,16 @@ Run directory layout (one self-describing folder):
     log.csv              step, loss, lr, images_per_s, elapsed_s
     samples/             sample grids written during training
 
-Determinism: the data order depends only on (seed, step) — epoch e uses permutation seed·1000003 + e — and
+Determinism: the data order depends only on (seed, step) — epoch e uses permutation seed·1000003 + e, or for a
+shard set streamed from disk the shard stream's order (data/stream.py), opened at sample step·batch_size — and
 the noise, t and label dropout come from one generator whose state is checkpointed with the global RNG
 (dropout), as is the loss history that importance sampling of t draws on. So on CPU, N steps + resume + N steps
-reproduce 2N steps straight, bit for bit.
+reproduce 2N steps straight, bit for bit, from memory or from shards (checkpoints are whole steps: a run killed
+mid-step repeats that step from its first sample).
+
+Data: an ImageDataset in memory, or a ShardDataset streamed through worker processes (data/sources.py). A streamed
+sample that cannot be read keeps its place in the batch and its random draws but gets weight 0: the loss is the mean
+over the readable rows of the global batch, and `skipped` counts the others.
 
 The loss is DDPM's L_simple, or with a learned variance (improved DDPM) the hybrid L_simple + λ·L_vlb or the bound
 L_vlb itself (losses.training_loss); t is uniform or importance sampled (timestep_sampler.py). An EDM-preconditioned
@@ -30,8 +36,7 @@ import torch
 
 from ..config import RunConfig, load_run_config
 from ..data.datasets import ImageDataset
-from ..data.encoded import build_batches
-from ..data.order import EpochOrder
+from ..data.sources import MemorySource, ShardDataset, build_source
 from ..errors import NoisecraftError
 from ..io.checkpoint import load_weights, save_json, save_weights
 from ..io.csv_log import append_row, truncate_log
@@ -56,9 +61,11 @@ LOG_HEADER = ["step", "loss", "lr", "images_per_s", "elapsed_s"]
 
 
 class Trainer:
-    """Trains a UNet on an ImageDataset into a run directory. `fit()` runs until the step or time budget."""
+    """Trains a UNet on an ImageDataset (or a streamed ShardDataset) into a run directory. `fit()` runs until the
+    step or time budget."""
 
-    def __init__(self, config: RunConfig, dataset: ImageDataset, out_dir: str | Path, device: str = "cpu",
+    def __init__(self, config: RunConfig, dataset: ImageDataset | ShardDataset, out_dir: str | Path,
+                 device: str = "cpu",
                  progress: bool = True, batches=None, *, distributed: Distributed | None = None,
                  accumulate: int = 1, speed: SpeedOptions | None = None):
         """distributed: this process's place in a torchrun job (training/distributed.py); None = one process.
@@ -83,17 +90,21 @@ class Trainer:
         self.timestep_sampler = TimestepSampler(self.schedule.T, d.timestep_sampling)
         self.step = 0
         self.elapsed_before = 0.0     # training seconds spent by earlier invocations
-        self.order = EpochOrder(len(dataset), self.config.train.batch_size, self.config.train.seed)
+        self.skipped = 0              # rows of unreadable streamed samples trained with weight 0 (this invocation)
         self._loop: TrainingLoop | None = None     # the running fit()'s budget and log window
         self._time_up = False
         self._check_dataset()
-        # x0 and cond per step: pixels or cached VAE latents; labels or cached text embeddings (batches.py).
-        # Rank 0 fills the run's caches first; the other ranks then read them.
+        # x0 and cond per step (data/sources.py): from memory, pixels or cached VAE latents with labels or cached
+        # text embeddings (batches.py); or streamed from shards. Rank 0 fills the run's caches first; the other
+        # ranks then read them.
         if not self.dist.is_main:
             self.dist.barrier()
-        self.batches = batches if batches is not None else build_batches(config, dataset, self.out_dir)
+        self.source = build_source(config, dataset, self.out_dir, rank=self.dist.rank,
+                                   world_size=self.dist.world_size, batches=batches)
         if self.dist.is_main:
             self.dist.barrier()
+        if isinstance(self.source, MemorySource):     # in memory: the batches and their order, by name
+            self.batches, self.order = self.source.batches, self.source.order
         self.net = self.speed.wrap(self.model, self.dist)   # what the loss calls: DDP and/or compiled
 
     # --- data -----------------------------------------------------------------------------
@@ -108,7 +119,10 @@ class Trainer:
         if len(self.dataset) < self.config.train.batch_size:
             raise NoisecraftError(f"the dataset has {len(self.dataset)} images, fewer than the batch size "
                                   f"{self.config.train.batch_size}; lower --batch-size.")
-        if self.config.data.conditional and self.dataset.labels is None:
+        streamed = isinstance(self.dataset, ShardDataset)
+        self._check_shards(streamed)
+        labelled = self.dataset.has_labels if streamed else self.dataset.labels is not None
+        if self.config.data.conditional and not labelled:
             raise NoisecraftError("--conditional needs a labelled dataset (class sub-folders for folder:PATH).")
         if not isinstance(self.accumulate, int) or self.accumulate < 1:
             raise NoisecraftError(f"--accumulate must be a positive integer, got {self.accumulate!r}.")
@@ -118,8 +132,24 @@ class Trainer:
                                   f"{self.dist.world_size} process(es) x {self.accumulate} accumulation step(s); use "
                                   f"--batch-size {parts} or more, or fewer processes / --accumulate.")
 
+    def _check_shards(self, streamed: bool) -> None:
+        """A run trained on shards continues on the same shards (same fingerprint), one trained in memory in memory."""
+        recorded = self.config.data.shards_fingerprint
+        if not streamed:
+            if recorded is not None:
+                raise NoisecraftError(f"this run was trained on the shards in {self.config.data.shards}; continue it "
+                                      f"on them with --data SHARDS.")
+            return
+        if recorded is None:
+            raise NoisecraftError(f"this run was trained on {self.config.data.dataset} in memory, not on shards; "
+                                  f"continue it without --data.")
+        if self.dataset.fingerprint != recorded:
+            raise NoisecraftError(f"the shards in {self.dataset.folder} are not the ones this run was trained on "
+                                  f"(their manifest fingerprint {self.dataset.fingerprint[:12]} differs from the run's "
+                                  f"{recorded[:12]}); resume on the original shards, or start a new run with --out.")
+
     def batch_indices(self, step: int) -> torch.Tensor:
-        """Indices of the examples for `step` (data_order.py)."""
+        """Indices of the examples for `step` (data_order.py); in-memory data only."""
         return self.order.indices(step)
 
     # --- one step -------------------------------------------------------------------------
@@ -132,23 +162,26 @@ class Trainer:
         """One optimizer step on the global batch of `batch_size` images: this process's shard of it, in
         `accumulate` micro-batches; returns the batch's mean loss (the same on every process)."""
         cfg, g, d = self.config, self.generator, self.config.diffusion
-        indices = self.batch_indices(self.step)
-        n = len(indices)
+        n = cfg.train.batch_size
         mine = self.dist.shard(n)
         # The whole batch's random numbers are drawn on every process, in the same order, and each keeps its
         # slice: the step is then the same whatever the number of processes or micro-batches.
-        x0, cond = self.batches.batch(indices, g, cfg.train.label_dropout, shard=mine)
+        drawn = self.source.batch(self.step, g, cfg.train.label_dropout, shard=mine)
+        x0, cond = drawn.x0, drawn.cond
         if d.edm:   # EDM: log-normal σ's instead of timesteps, every example weighted 1 (losses.edm_loss)
             t_all, weights = edm_sigmas(n, g, d.p_mean, d.p_std), torch.ones(n)
         else:
             t_all, weights = self.timestep_sampler.sample(n, g)
         noise = torch.randn((n, *x0.shape[1:]), generator=g)[mine]
         t, weights = t_all[mine], weights[mine]
+        valid, count = self._readable_rows(drawn.valid, mine, n)
+        if valid is not None:          # unreadable streamed samples: their draws are made, their loss weighs 0
+            weights = weights * valid[mine]
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         # DDP averages gradients over processes, so each process's loss is its share of the batch sum times
-        # world_size / n: the averaged gradient is then the gradient of the batch mean.
-        scale = self.dist.world_size / n
+        # world_size / count (count = n, or the readable rows): the averaged gradient is that of the batch mean.
+        scale = self.dist.world_size / max(count, 1)
         per_example = torch.empty(len(t))
         micro = torch.arange(len(t)).tensor_split(self.accumulate)
         for i, part in enumerate(micro):
@@ -167,12 +200,16 @@ class Trainer:
                 losses = losses.float()
                 self.speed.backward((losses * weights[part].to(self.device)).sum() * scale)
             per_example[part] = losses.detach().cpu()
-        loss, per_example = self._agree_on_step(per_example, weights, mine, n)
+        loss, per_example = self._agree_on_step(per_example, weights, mine, n, count)
         if not math.isfinite(loss):
             raise TrainingDiverged(
                 f"the loss became {loss} at step {self.step + 1}; the last good checkpoint in {self.out_dir} "
                 f"is kept — resume with a lower --lr.")
-        self.timestep_sampler.update(t_all, per_example)
+        if valid is None:
+            self.timestep_sampler.update(t_all, per_example)
+        else:
+            self.timestep_sampler.update(t_all[valid], per_example[valid])
+            self.skipped += n - count
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
         self.speed.step(self.optimizer, self.model.parameters(), cfg.train.grad_clip)
@@ -180,22 +217,33 @@ class Trainer:
         self.step += 1
         return loss
 
+    def _readable_rows(self, valid: torch.Tensor | None, mine: slice, n: int) -> tuple[torch.Tensor | None, int]:
+        """(which rows of the global batch were readable, how many), shared by all processes; (None, n) when
+        every row is (in memory)."""
+        if valid is None:
+            return None, n
+        rows = torch.zeros(n)
+        rows[mine] = valid.float()
+        rows = self.dist.all_reduce_sum(rows)
+        return rows > 0, int(rows.sum().item())
+
     def _agree_on_step(self, per_example: torch.Tensor, weights: torch.Tensor, mine: slice,
-                       n: int) -> tuple[float, torch.Tensor]:
+                       n: int, count: int | None = None) -> tuple[float, torch.Tensor]:
         """Share what every process must know after the backward pass, in one all-reduce: the batch loss, the
         per-example losses (importance sampling of t learns from all of them) and whether rank 0's time
         budget is spent (so that all processes stop after the same step)."""
         time_up = self._loop is not None and self._loop.time_up()
+        count = n if count is None else max(count, 1)     # the mean over the readable rows
         if not self.dist.active:
             self._time_up = time_up
-            return float((per_example * weights).sum() / n), per_example
+            return float((per_example * weights).sum() / count), per_example
         stats = torch.zeros(n + 2, dtype=torch.float64)
         stats[mine] = per_example.double()
         stats[n] = float((per_example * weights).sum())
         stats[n + 1] = float(time_up and self.dist.is_main)
         stats = self.dist.all_reduce_sum(stats)
         self._time_up = bool(stats[n + 1] > 0)
-        return float(stats[n] / n), stats[:n].float()
+        return float(stats[n] / count), stats[:n].float()
 
     # --- checkpoints ----------------------------------------------------------------------
 
@@ -252,22 +300,25 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._time_up = loop.deadline is not None and loop.deadline <= 0
         start_step, last_loss = self.step, float("nan")
-        with loop:
-            # the time budget is rank 0's clock, shared with the others inside each step (_agree_on_step)
-            while loop.more(self.step, time_up=self._time_up):
-                last_loss = self.train_step()
-                window = loop.stepped(self.step, {"loss": last_loss})
-                if window and self.dist.is_main:
-                    ips = window["images_per_s"]
-                    self._log([self.step, f"{window['loss']:.6f}", f"{self.lr_at(self.step - 1):.3g}", f"{ips:.1f}",
-                               f"{self.elapsed_before + self._elapsed():.1f}"])
-                    loop.bar.set_postfix(loss=f"{window['loss']:.4f}", img_s=f"{ips:.0f}",
-                                         left=loop.time_left(self.step, ips))
-                if loop.checkpoint_due(self.step):
-                    self._checkpoint_on_rank0()
-                if (sample_fn is not None and cfg.sample_every and self.step % cfg.sample_every == 0
-                        and self.dist.is_main):
-                    sample_fn(self, self.out_dir / "samples" / f"step_{self.step:07d}.png")
+        try:
+            with loop:
+                # the time budget is rank 0's clock, shared with the others inside each step (_agree_on_step)
+                while loop.more(self.step, time_up=self._time_up):
+                    last_loss = self.train_step()
+                    window = loop.stepped(self.step, {"loss": last_loss})
+                    if window and self.dist.is_main:
+                        ips = window["images_per_s"]
+                        self._log([self.step, f"{window['loss']:.6f}", f"{self.lr_at(self.step - 1):.3g}", f"{ips:.1f}",
+                                   f"{self.elapsed_before + self._elapsed():.1f}"])
+                        loop.bar.set_postfix(loss=f"{window['loss']:.4f}", img_s=f"{ips:.0f}",
+                                             left=loop.time_left(self.step, ips))
+                    if loop.checkpoint_due(self.step):
+                        self._checkpoint_on_rank0()
+                    if (sample_fn is not None and cfg.sample_every and self.step % cfg.sample_every == 0
+                            and self.dist.is_main):
+                        sample_fn(self, self.out_dir / "samples" / f"step_{self.step:07d}.png")
+        finally:     # stop the data loader's worker processes (streamed data)
+            self.source.close()
         seconds = self._elapsed()
         # A resume with nothing left to do leaves whole files as they are (but completes a half-finished save).
         # Rank 0 looks at the files and tells the others, so that all take part in the save or none does.
@@ -278,7 +329,7 @@ class Trainer:
             self._checkpoint_on_rank0()
         done = self.step - start_step
         return {"steps": self.step, "steps_this_run": done, "loss": last_loss, "seconds": seconds,
-                "images_per_s": done * cfg.batch_size / max(seconds, 1e-9)}
+                "images_per_s": done * cfg.batch_size / max(seconds, 1e-9), "skipped": self.skipped}
 
     def _checkpoint_on_rank0(self) -> None:
         """Rank 0 writes the checkpoint (the weights are the same everywhere); all processes learn whether it
@@ -301,7 +352,7 @@ class Trainer:
 
 
 
-def resume_trainer(run_dir: str | Path, dataset: ImageDataset, device="cpu", progress=True, *,
+def resume_trainer(run_dir: str | Path, dataset: ImageDataset | ShardDataset, device="cpu", progress=True, *,
                    distributed: Distributed | None = None, accumulate: int = 1, speed: SpeedOptions | None = None,
                    **train_overrides) -> Trainer:
     """A Trainer restored from a run directory; train_overrides (steps, minutes, ...) change the budget. The
