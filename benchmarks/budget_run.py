@@ -10,7 +10,8 @@ score; sampling is not part of the budget, so it may run on a GPU (1000 samples 
 OUT/<dataset>-<recipe>.json and grid PNGs.
 
 Recipes: noisecraft (today's defaults), noisecraft-edm (--preconditioning edm), diffusers (its MNIST tutorial),
-lucidrains (denoising-diffusion-pytorch's README recipe), smalldiffusion (its Fashion-MNIST DiT example).
+lucidrains (denoising-diffusion-pytorch's README recipe), smalldiffusion (its Fashion-MNIST DiT example), and for
+colour images diffusers_example (its unconditional-training example scaled to 32×32).
 """
 
 from __future__ import annotations
@@ -47,7 +48,11 @@ OUR_SETTINGS = [
     ("euler", 20, "karras"), ("euler_ancestral", 20, "karras"), ("dpmpp_2m_sde", 20, "karras"),
 ]
 # the peers' own default sampler steps, and 20 network evaluations (smalldiffusion's default is already 20)
-PEER_STEPS = {"diffusers": (50, 20), "lucidrains": (250, 20), "smalldiffusion": (20, 20)}
+# what a CPU can score in minutes: each sampler at ≤ 50 evaluations
+CPU_SETTINGS = [("ddpm", 10, None), ("ddpm", 50, None), ("ddim", 20, None), ("ddim", 50, None), ("heun", 5, "karras"),
+                ("heun", 10, "karras"), ("dpmpp_2m", 10, "karras"), ("dpmpp_2m", 20, "karras"), ("euler", 20, "karras")]
+PEER_STEPS = {"diffusers": (50, 20), "lucidrains": (250, 20), "smalldiffusion": (20, 20),
+              "diffusers_example": (1000, 20)}
 
 
 def nfe(sampler: str, steps: int) -> int:
@@ -96,7 +101,7 @@ def load_peer(recipe: str, folder: Path, image_shape, device: str):
     from safetensors.torch import load_file
     module = peer_module(recipe)
     c, h, w = image_shape
-    if recipe == "diffusers":
+    if recipe in ("diffusers", "diffusers_example"):
         model = module.build_recipe_unet(sample_size=h, channels=c)
     elif recipe == "lucidrains":
         pad = module.padding_for(h, w)
@@ -124,10 +129,13 @@ def draws_ours(folder: Path, device: str, n: int, settings, seed: int):
            "default": True}, pipe.sample(n, seed=seed, batch_size=500).images.cpu()
 
 
-def draws_peer(recipe: str, folder: Path, image_shape, device: str, n: int, seed: int):
+def draws_peer(recipe: str, folder: Path, image_shape, device: str, n: int, seed: int, max_nfe: int):
     module, model = load_peer(recipe, folder, image_shape, device)
     own, common = PEER_STEPS[recipe]
     for steps, default in ((own, True), (common, False)):
+        if steps > max_nfe:
+            print(f"{recipe}: {steps} steps skipped (--max-nfe {max_nfe})", flush=True)
+            continue
         t0 = time.perf_counter()
         images = module.sample_recipe(model, n, steps=steps, seed=seed)
         yield {"sampler": "own default" if default else "own sampler, 20 NFE", "steps": steps, "nfe": steps,
@@ -143,7 +151,8 @@ def main(argv=None):
     p.add_argument("--device", default="cpu", help="score: where to sample")
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--settings", default="all", help="score, our runs: all | few (ddim-50, heun-10, dpmpp_2m-20)")
+    p.add_argument("--settings", default="all", help="score, our runs: all | cpu (≤ 50 NFE) | few (ddim-50, heun-10, dpmpp_2m-20)")
+    p.add_argument("--max-nfe", type=int, default=10**9, help="score: skip settings that cost more evaluations")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--cache-dir", default=None, help="domain classifier cache")
     p.add_argument("--out", default="benchmarks/out/budget")
@@ -169,11 +178,12 @@ def main(argv=None):
     result = json.loads((folder / "train.json").read_text())
     result.update(n=args.n, sample_device=args.device, samples=[])
     if ours:
-        settings = OUR_SETTINGS if args.settings == "all" else [("ddim", 50, None), ("heun", 10, "karras"),
-                                                                 ("dpmpp_2m", 20, "karras")]
+        settings = {"all": OUR_SETTINGS, "cpu": CPU_SETTINGS,
+                    "few": [("ddim", 50, None), ("heun", 10, "karras"), ("dpmpp_2m", 20, "karras")]}[args.settings]
+        settings = [s for s in settings if nfe(s[0], s[1]) <= args.max_nfe]
         draws = draws_ours(folder, args.device, args.n, settings, args.seed)
     else:
-        draws = draws_peer(args.recipe, folder, tuple(test.image_shape), args.device, args.n, args.seed)
+        draws = draws_peer(args.recipe, folder, tuple(test.image_shape), args.device, args.n, args.seed, args.max_nfe)
     try:
         for row, images in draws:
             row["score"] = domain_fid(images, reference, classifier)

@@ -2,7 +2,7 @@
 
     python benchmarks/distill_budget.py RUN --cpu-minutes 10 --out benchmarks/out/distill     # RUN: an EDM run
 
-Distils RUN (noisecraft distill's Distiller) from a 16-step Heun teacher down to 8, 4, 2 and 1 Euler steps on one
+Distils RUN (noisecraft distill's Distiller) from a --teacher-steps Heun teacher down to 1 Euler step, halving, on one
 thread until the process has used --cpu-minutes of CPU time (split evenly over the stages), then scores each
 student at its own steps against the teacher at the same number of network evaluations (Euler on the same nested
 σ's, i.e. what the student was before distillation) and at its own 16 Heun steps. Domain score: the FID-style
@@ -35,6 +35,8 @@ def main(argv=None):
     p.add_argument("--cpu-minutes", type=float, default=10.0, help="CPU time for all stages together")
     p.add_argument("--teacher-steps", type=int, default=16)
     p.add_argument("--steps", type=int, default=1)
+    p.add_argument("--lr", type=float, default=1e-3, help="a CPU budget allows few iterations per stage: a high rate")
+    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--device", default="cpu", help="where to sample for the scores")
     p.add_argument("--data-dir", default=None)
@@ -51,7 +53,8 @@ def main(argv=None):
     torch.set_num_threads(1)
     cpu0 = time.process_time()
     students = Distiller(args.run, train, out / "students", steps=args.steps, teacher_steps=args.teacher_steps,
-                         minutes=args.cpu_minutes, clock=time.process_time).distill()
+                         minutes=args.cpu_minutes, clock=time.process_time, lr=args.lr,
+                         batch_size=args.batch_size).distill()
     cpu_seconds = time.process_time() - cpu0
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
