@@ -86,10 +86,11 @@ def train_ours(dataset, recipe: str, cpu_minutes: float, folder: Path, seed: int
             "train_images_per_s": trainer.step * config.train.batch_size / seconds, "cpu_seconds": seconds}
 
 
-def train_peer(dataset, recipe: str, cpu_minutes: float, folder: Path, seed: int) -> dict:
+def train_peer(dataset, recipe: str, cpu_minutes: float, folder: Path, seed: int, batch_size: int | None = None) -> dict:
     from safetensors.torch import save_file
     module = peer_module(recipe)
-    model, stats = module.train_recipe(dataset, minutes=cpu_minutes, seed=seed, progress=False)
+    extra = {"batch_size": batch_size} if batch_size else {}
+    model, stats = module.train_recipe(dataset, minutes=cpu_minutes, seed=seed, progress=False, **extra)
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()},
               str(folder / "model.safetensors"))
@@ -153,6 +154,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--settings", default="all", help="score, our runs: all | cpu (≤ 50 NFE) | few (ddim-50, heun-10, dpmpp_2m-20)")
     p.add_argument("--max-nfe", type=int, default=10**9, help="score: skip settings that cost more evaluations")
+    p.add_argument("--peer-batch-size", type=int, default=None,
+                   help="train: a peer's batch instead of its recipe's (smalldiffusion's 1024 needs ~15 GB)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--cache-dir", default=None, help="domain classifier cache")
     p.add_argument("--out", default="benchmarks/out/budget")
@@ -165,8 +168,11 @@ def main(argv=None):
     if args.phase == "train":
         torch.set_num_threads(1)
         train = load_dataset(args.dataset, "train", data_dir=args.data_dir)
-        fn = train_ours if ours else train_peer
-        stats = fn(train, args.recipe, args.cpu_minutes, folder, args.seed)
+        if ours:
+            stats = train_ours(train, args.recipe, args.cpu_minutes, folder, args.seed)
+        else:
+            stats = train_peer(train, args.recipe, args.cpu_minutes, folder, args.seed, args.peer_batch_size)
+            stats["batch_size"] = args.peer_batch_size or "the recipe's"
         stats.update(dataset=args.dataset, recipe=args.recipe, cpu_minutes=args.cpu_minutes, threads=1)
         (folder / "train.json").write_text(json.dumps(stats, indent=2) + "\n")
         print(f"{tag}: {stats['steps']} steps, {stats['train_images_per_s']:.1f} images per CPU-second", flush=True)

@@ -18,6 +18,7 @@
     noisecraft convert sd-v1-5.safetensors sd-v1-5-diffusers/
     noisecraft viz latents IMAGE --vae runs/vae --out latents.png
     noisecraft shard mnist|FOLDER --out shards/ --shard-size 1000   tar shards + manifest, for streaming
+    noisecraft encode runs/vae --data shards/ --out latents/      VAE latents of shards, for train --latents
 
 Errors a user can cause print one line ("noisecraft: error: ...") and exit with status 2.
 """
@@ -27,12 +28,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .commands import clip, demo, distill, evaluate, run_eval, sample, sd, shard, train, ui, vae, vdm, viz
+from .commands import clip, demo, distill, encode, evaluate, run_eval, sample, sd, shard, train, ui, vae, vdm, viz
 from .errors import NoisecraftError
 
 # The order of `noisecraft --help`: the story first (demo, train, sample and edit, pictures), then the parts of
 # latent diffusion, Stable Diffusion checkpoints, evaluation and data preparation.
-COMMAND_FAMILIES = (demo, train, distill, sample, viz, vae, clip, sd, evaluate, run_eval, vdm, shard, ui)
+COMMAND_FAMILIES = (demo, train, distill, sample, viz, vae, clip, sd, evaluate, run_eval, vdm, shard, encode, ui)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -135,6 +135,7 @@ class DataConfig:
     conditional: bool = False         # class-conditional training
     shards: str | None = None         # streamed from this shard folder (data/sources.py) instead of held in memory
     shards_fingerprint: str | None = None   # sha256 over the shards' names, counts and checksums: --resume checks it
+    latents: str | None = None        # the shards' latent cache (noisecraft encode), read instead of encoding on the fly
 
     RULES = (   # field, type, allowed values, None allowed (settings.check_fields)
         ("dataset", "str", None, False),
@@ -143,6 +144,7 @@ class DataConfig:
         ("conditional", "bool", None, False),
         ("shards", "str", None, True),
         ("shards_fingerprint", "str", None, True),
+        ("latents", "str", None, True),
     )
 
     def __post_init__(self):

@@ -102,14 +102,18 @@ def _load(args, config=None):
     streamed by --workers processes. On resume the shards may have moved (--data); their fingerprint is checked."""
     from ..data.sources import open_shard_dataset
     folder = args.data if args.data is not None else (config.data.shards if config is not None else None)
+    latents = args.latents if args.latents is not None else (config.data.latents if config is not None else None)
     if folder is None:
+        if latents is not None:
+            raise NoisecraftError(f"--latents {latents} is the latent cache of a shard set; train on the shards "
+                                  "with --data SHARDS as well.")
         return load_data(args)
     if config is not None:       # the run's own size: crop and resize only where the first invocation did
         _, h, w = config.data.image_shape
         size = h if h == w else None
     else:
         size = args.image_size
-    return open_shard_dataset(folder, size, workers=args.workers, max_bad=args.max_bad)
+    return open_shard_dataset(folder, size, workers=args.workers, max_bad=args.max_bad, latents=latents)
 
 
 def _train(args, distributed, speed) -> int:
@@ -152,15 +156,17 @@ def _train(args, distributed, speed) -> int:
         streamed = args.data is not None
         if streamed:    # where the shards are, and what they are: --resume refuses other shards
             config.data = replace(config.data, shards=str(dataset.folder.resolve()),
-                                  shards_fingerprint=dataset.fingerprint)
+                                  shards_fingerprint=dataset.fingerprint,
+                                  latents=str(dataset.latents.folder.resolve()) if dataset.latents else None)
         trainer = Trainer(config, dataset, out, **options)
         budget = (f"{config.train.steps} steps" if config.train.steps else "") + \
                  (" or " if config.train.steps and config.train.minutes else "") + \
                  (f"{config.train.minutes:g} minutes" if config.train.minutes else "")
         space = f", latents {'x'.join(map(str, config.latent.latent_shape))}" if config.latent else ""
         cond = ", text-conditional" if config.text else (", class-conditional" if config.data.conditional else "")
+        cached = f", latents cached in {dataset.latents.folder}" if streamed and dataset.latents else ""
         where = (f"the shards in {dataset.folder} ({dataset.name}, {len(dataset.manifest.shards)} shards, "
-                 f"data workers: {dataset.workers})" if streamed else dataset.name)
+                 f"data workers: {dataset.workers}{cached})" if streamed else dataset.name)
         say(f"training on {where} ({len(dataset)} images {'x'.join(map(str, dataset.image_shape))}{space}"
             f"{cond}), U-Net {count_parameters(trainer.model) / 1e6:.2f}M parameters, budget {budget} -> {out}")
     if distributed.active:
@@ -184,6 +190,9 @@ def add_parsers(sub) -> None:
                         "but one, at most 2)")
     t.add_argument("--max-bad", type=count, default=100, metavar="N",
                    help="--data: stop after more than N unreadable samples per process (default 100)")
+    t.add_argument("--latents", default=None, metavar="DIR",
+                   help="--data with --latent: read the VAE posteriors from this cache (noisecraft encode) instead "
+                        "of encoding every batch (on --resume: where the cache is now)")
     t.add_argument("--out", default=None, help="new run directory")
     t.add_argument("--resume", default=None, help="continue the run in this directory")
     t.add_argument("--conditional", action="store_true", help="class-conditional (with label dropout for guidance)")

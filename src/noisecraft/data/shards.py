@@ -151,6 +151,13 @@ def read_manifest(folder: str | Path) -> Manifest:
                     channels, dict(sizes), str(raw.get("source", "")), raw)
 
 
+def manifest_fingerprint(manifest: Manifest) -> str:
+    """sha256 over the shard list (file names, sample counts, sha256 of each shard): the identity of a shard set,
+    unchanged when the folder moves, changed by any rewritten shard."""
+    listing = [[s.file, s.count, s.sha256] for s in manifest.shards]
+    return hashlib.sha256(json.dumps(listing, separators=(",", ":")).encode()).hexdigest()
+
+
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -17,16 +17,16 @@ state is checkpointed: a resumed run opens the stream at its step and reads on f
 could not be read come back with valid=False; the trainer gives them weight 0 (and counts them).
 
 What streaming does on the fly, for now: a latent run encodes each streamed batch with the frozen VAE (one encoder
-forward per image per step; `noisecraft encode`, which would cache the posteriors in shards, is not written yet), and a
-text run embeds each batch's captions with the frozen text encoder, one caption at a time (a caption's embedding then
-never depends on what else was in its batch, so resume is exact) behind a cache of recently seen captions bounded in
-bytes (class-template captions are embedded once; unique captions once per visit).
+forward per image per step) unless it was given a latent cache (`noisecraft encode`, latent_shards.py; `train
+--latents`): then the posteriors are looked up by sample id, no image is decoded, and z = μ + σ·ε takes ε from the
+generator exactly as on the fly. A text run embeds each batch's captions with the frozen text encoder, one caption at
+a time (a caption's embedding then never depends on what else was in its batch, so resume is exact) behind a cache
+of recently seen captions bounded in bytes (class-template captions are embedded once; unique captions once per
+visit); caption embeddings are not cached on disk yet.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -40,8 +40,9 @@ from .batches import TrainingBatches
 from .captions import class_captions
 from .datasets import ImageDataset
 from .encoded import build_batches, encode_prompts
+from .latent_shards import LatentCache, open_latent_cache, vae_digest
 from .order import EpochOrder
-from .shards import Manifest
+from .shards import Manifest, manifest_fingerprint
 from .stream import ShardLoader, ShardStream, open_shards
 
 DEFAULT_MAX_BAD = 100
@@ -68,13 +69,6 @@ def default_workers() -> int:
     return max(0, min(2, cores - 1))
 
 
-def manifest_fingerprint(manifest: Manifest) -> str:
-    """sha256 over the shard list (file names, sample counts, sha256 of each shard): the identity of a shard set,
-    unchanged when the folder moves, changed by any rewritten shard."""
-    listing = [[s.file, s.count, s.sha256] for s in manifest.shards]
-    return hashlib.sha256(json.dumps(listing, separators=(",", ":")).encode()).hexdigest()
-
-
 def _source_name(manifest: Manifest) -> str:
     """The dataset a shard set was written from: 'mnist' for 'mnist:train', 'folder:PATH' for a folder."""
     source = manifest.source
@@ -94,6 +88,7 @@ class ShardDataset:
     workers: int = 0
     max_bad: float = DEFAULT_MAX_BAD
     window: int = 16
+    latents: LatentCache | None = None     # the posteriors of every image, from `noisecraft encode` (None: encode now)
     labels = None          # no label tensor in memory: `has_labels` says whether the samples carry them
 
     @property
@@ -129,9 +124,10 @@ class ShardDataset:
 
 
 def open_shard_dataset(folder, image_size: int | None = None, *, workers: int | None = None,
-                       max_bad: float = DEFAULT_MAX_BAD, verify: str = "size") -> ShardDataset:
+                       max_bad: float = DEFAULT_MAX_BAD, verify: str = "size", latents=None) -> ShardDataset:
     """The shard set in `folder` for training: images centre-cropped and resized to image_size² (None: the stored
-    size, which must then be one size), decoded by `workers` processes (None: `default_workers()`)."""
+    size, which must then be one size), decoded by `workers` processes (None: `default_workers()`); `latents`: the
+    folder of its latent cache (`noisecraft encode`), checked against the run when training starts."""
     manifest = open_shards(folder, verify)
     workers = default_workers() if workers is None else workers
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
@@ -145,7 +141,10 @@ def open_shard_dataset(folder, image_size: int | None = None, *, workers: int | 
         image_size = h if h == w else None      # a square of the stored size: cropping and resizing change nothing
     else:
         shape = (manifest.channels, image_size, image_size)
-    return ShardDataset(manifest, shape, image_size, workers, max_bad)
+    data = ShardDataset(manifest, shape, image_size, workers, max_bad)
+    if latents is not None:
+        data.latents = open_latent_cache(latents, keep=data.window + 2)
+    return data
 
 
 # --------------------------------------------------------------------------------------------------
@@ -186,6 +185,28 @@ class _StreamLatents:
         from ..models.vae_loading import encode_dataset
         eps = torch.randn((n, *self.latent_shape), generator=generator)[shard]
         mean, std = encode_dataset(self.vae, batch.images)
+        return (mean + std * eps) * self.scaling_factor
+
+
+class _CachedLatents:
+    """z = s·(μ + σ·ε) with μ, σ the cached posterior of each streamed sample, found by its id (ε as on the fly). A
+    row the cache marks unreadable becomes an invalid row of the batch, counted in `bad` (more than max_bad: stop)."""
+
+    needs_pixels = False
+
+    def __init__(self, cache: LatentCache, scaling_factor: float, max_bad: int):
+        self.cache, self.scaling_factor, self.max_bad = cache, float(scaling_factor), max_bad
+        self.bad = 0
+
+    def __call__(self, batch, generator: torch.Generator, n: int, shard: slice) -> torch.Tensor:
+        eps = torch.randn((n, *self.cache.latent_shape), generator=generator)[shard]
+        mean, std, ok = self.cache.rows(batch.ids)
+        self.bad += int((batch.valid & ~ok).sum())
+        if self.bad > self.max_bad:
+            raise NoisecraftError(f"Stopped after {self.bad} samples without a usable latent in {self.cache.folder}, "
+                                  f"more than the limit of {self.max_bad}; encode the shards again with "
+                                  "`noisecraft encode`, or raise the limit.")
+        batch.valid = batch.valid & ok
         return (mean + std * eps) * self.scaling_factor
 
 
@@ -257,7 +278,8 @@ class StreamSource:
         d = self.data
         stream = ShardStream(d.manifest, self.batch_size, image_size=d.image_size, channels=d.image_shape[0],
                              seed=self.seed, rank=self.rank, world_size=self.world_size,
-                             start=step * self.batch_size, window=d.window)
+                             start=step * self.batch_size, window=d.window,
+                             decode=getattr(self.images, "needs_pixels", True))
         self._loader = ShardLoader(stream, num_workers=d.workers, max_bad=d.max_bad)
         self._batches, self._next = iter(self._loader), step
 
@@ -266,7 +288,7 @@ class StreamSource:
             self._open(step)
         got = next(self._batches)
         self._next = step + 1
-        self.bad = self._loader.bad
+        self.bad = self._loader.bad + getattr(self.images, "bad", 0)
         if got.position != step * self.batch_size or len(got.ids) != shard.stop - shard.start:
             raise NoisecraftError(f"the shard stream gave samples {got.position}.. ({len(got.ids)} of them) for step "
                                   f"{step}; please report this bug.")
@@ -284,7 +306,16 @@ class StreamSource:
 
 def _stream_source(config: RunConfig, data: ShardDataset, run_dir: Path, rank: int, world_size: int) -> StreamSource:
     from ..components import load_text_component, load_vae_component
-    if config.latent is not None:
+    if data.latents is not None and config.latent is None:
+        raise NoisecraftError("--latents gives VAE latents, but this run trains on pixels; add --latent VAE_RUN "
+                              "(the VAE the cache was made with), or drop --latents.")
+    if data.latents is not None:
+        from ..components import VAE_DIR
+        data.latents.check(data.fingerprint, vae_digest(run_dir / VAE_DIR), data.image_shape,
+                           config.latent.latent_shape)
+        max_bad = data.max_bad if isinstance(data.max_bad, int) else int(data.max_bad * len(data))
+        images = _CachedLatents(data.latents, config.latent.scaling_factor, max_bad)
+    elif config.latent is not None:
         vae, scaling_factor = load_vae_component(run_dir)
         images = _StreamLatents(vae, scaling_factor, config.latent.latent_shape)
     else:

@@ -245,12 +245,15 @@ class ShardStream(IterableDataset):
     image_size: centre-crop to a square and resize to image_size² (the folder dataset's `_square`: a folder and its
     shards give the same pixels); None keeps the stored size, which must then be one size. channels: 1 or 3 (default:
     the manifest's). start, end: stream positions (samples, see above; end=None: endless). window: shards mixed per
-    block (None: all, a uniform permutation of the set)."""
+    block (None: all, a uniform permutation of the set). decode=False reads every sample and checks that it has an
+    image, but decodes no pixels (`images` is then n×C×0×0): for a run whose latents come from a cache (see
+    latent_shards.py), where the labels, captions and sample ids are all it needs."""
 
     def __init__(self, shards, batch_size: int, *, image_size: int | None = None, channels: int | None = None,
                  seed: int = 0, rank: int = 0, world_size: int = 1, start: int = 0, end: int | None = None,
-                 window: int | None = 16, verify: str = "size"):
+                 window: int | None = 16, verify: str = "size", decode: bool = True):
         super().__init__()
+        self.decode = bool(decode)
         self.manifest = shards if isinstance(shards, Manifest) else open_shards(shards, verify)
         m = self.manifest
         for name, value, low in (("batch_size", batch_size, 1), ("world_size", world_size, 1), ("start", start, 0),
@@ -308,6 +311,22 @@ class ShardStream(IterableDataset):
         ids = self.ids_at(step * self.batch_size, self.batch_size)
         return ids[rank_slice(len(ids), self.rank if rank is None else rank, self.world_size)]
 
+    def shard_pixels(self, index: int):
+        """The samples of shard `index` in tar order, as training decodes them (crop, resize, channels): one
+        (uint8 H×W×C array, None) per readable sample, (None, why) per unreadable one. For `noisecraft encode`."""
+        base = sum(self.counts[:index])
+        reader = _Reader(self.manifest, 1)
+        try:
+            for k in range(self.counts[index]):
+                try:
+                    pixels = self._sample(reader, base + k, 0)[0]
+                except _Bad as bad:
+                    yield None, str(bad)
+                    continue
+                yield pixels.reshape(*self.shape, self.channels), None
+        finally:
+            reader.close()
+
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
@@ -334,7 +353,8 @@ class ShardStream(IterableDataset):
         ids = all_ids[mine]
         positions = range(first + mine.start, first + mine.stop)
         k = len(ids)
-        images = np.zeros((k, *self.shape, self.channels), dtype=np.uint8)     # filled as H×W×C, Pillow's layout
+        shape = self.shape if self.decode else (0, 0)
+        images = np.zeros((k, *shape, self.channels), dtype=np.uint8)     # filled as H×W×C, Pillow's layout
         labels, valid, captions, events = [-1] * k, [False] * k, [""] * k, []
         for i, (sample_id, p) in enumerate(zip(ids.tolist(), positions)):
             try:
@@ -342,7 +362,8 @@ class ShardStream(IterableDataset):
             except _Bad as bad:
                 events.append(("bad", str(bad)))
                 continue
-            images[i] = pixels.reshape(images.shape[1:])
+            if pixels is not None:
+                images[i] = pixels.reshape(images.shape[1:])
             valid[i] = True
             if note:
                 events.append(("caption", note))
@@ -366,6 +387,8 @@ class ShardStream(IterableDataset):
         image = next((ext for ext in members if ext in IMAGE_EXTS), None)
         if image is None:
             raise _Bad(f"{name} has no image")
+        if not self.decode:
+            return None, label, caption, note
         try:
             im = _open_image(_Member(members[image], f"{name} ({image})"))
         except NoisecraftError as e:
