@@ -36,6 +36,7 @@ myst_heading_anchors = 3
 # the signatures are not ours to document.
 nitpicky = True
 nitpick_ignore_regex = [(r"py:.*", r"^(?!noisecraft\b).*"), (r"py:.*", r".*\.(Tensor|Module|Generator)$")]
+nitpick_ignore = [("py:class", "noisecraft.data.sources.ShardDataset")]   # the streamed dataset: documented in data/sources.py, not in the API pages yet
 autodoc_member_order = "bysource"
 autodoc_typehints = "signature"
 autodoc_default_options = {"members": True}
