@@ -21,6 +21,7 @@ from .engine import Engine, Job, one_sentence, takes_eta
 from .library import ModelLibrary
 
 GALLERY_KEEP = 48            # thumbnails a session's gallery keeps (the PNGs stay on disk)
+CANCEL_WAIT_S = 5.0          # how long Cancel waits for the sampler to stop (one step) before answering
 DEFAULT = "model default"
 NONE = "none"
 
@@ -161,7 +162,14 @@ def build_app(library: ModelLibrary, engine: Engine, threads: tuple[int, int] | 
             return gr.skip(), _status("error", one_sentence(e))
 
     def cancel(request: gr.Request):
-        if engine.cancel(_session(request)):
+        # Wait (briefly) for the sampler to stop and answer with the final word: this reply and the job's own last
+        # status can reach the page in either order, and a bare "cancelling…" arriving last would stay forever.
+        if engine.cancel(_session(request), wait=CANCEL_WAIT_S):
+            if engine.cancelled_at is not None:
+                step, total = engine.cancelled_at
+                return _status("cancel", f"cancelling… done: cancelled after step {step} of {total}")
+            if engine.stopped:          # it finished before the cancel reached it: its "done" stays
+                return gr.skip()
             return _status("cancel", "cancelling… (stops after the current step)")
         return _status("info", "nothing of yours is running.")
 

@@ -122,6 +122,8 @@ class Engine:
         self._cancel = threading.Event()
         self.owner: str | None = None          # who runs the current job (a session id): only they can cancel it
         self.running = False
+        self._stopped = threading.Event()      # set when the sampler of the current job has returned
+        self.cancelled_at: tuple[int, int] | None = None   # (step, total) of the latest cancelled job
         self._counter = itertools.count(self._next_number())
 
     # --- models ----------------------------------------------------------------------------------
@@ -149,10 +151,17 @@ class Engine:
 
     # --- cancel ------------------------------------------------------------------------------------
 
-    def cancel(self, owner: str | None = None) -> bool:
-        """Stop the running job (only its owner's, when owners are given) within one sampler step."""
+    @property
+    def stopped(self) -> bool:
+        """Whether the current (or last) job's sampler has returned."""
+        return self._stopped.is_set()
+
+    def cancel(self, owner: str | None = None, wait: float = 0.0) -> bool:
+        """Stop the running job (only its owner's, when owners are given) within one sampler step; with `wait`,
+        block up to that many seconds until the sampler has returned (then `cancelled_at` says where it stopped)."""
         if self.running and (owner is None or self.owner is None or owner == self.owner):
             self._cancel.set()
+            self._stopped.wait(wait)
             return True
         return False
 
@@ -162,6 +171,8 @@ class Engine:
         """Run one job, yielding events (see the module's docstring). Jobs never overlap: a second waits."""
         with self._run_lock:
             self._cancel.clear()
+            self._stopped.clear()
+            self.cancelled_at = None
             self.owner, self.running = owner, True
             try:
                 yield from self._run(job)
@@ -212,10 +223,13 @@ class Engine:
                 result = call(on_step)
                 events.put(("result", result))
             except Cancelled:
+                self.cancelled_at = (state["step"], total)
                 events.put(("cancelled", state["step"], total))
             except Exception as e:  # noqa: BLE001
                 traceback.print_exc()           # the server's log keeps the details; the page gets one sentence
                 events.put(("error", one_sentence(e)))
+            finally:
+                self._stopped.set()
 
         worker = threading.Thread(target=work, name="noisecraft-ui-job", daemon=True)
         worker.start()
