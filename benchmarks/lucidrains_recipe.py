@@ -52,7 +52,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import math
 import sys
 import time
@@ -64,6 +63,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _peer_imports import import_peer
+from _recipe_cli import add_common_arguments, draw_sample_sets
 
 from noisecraft.errors import NoisecraftError
 
@@ -238,26 +238,15 @@ def sample_recipe(model, n: int, steps: int = DEFAULT_SAMPLING_STEPS, seed: int 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--minutes", type=float, default=1.0, help="training time budget (default 1: smoke run)")
-    parser.add_argument("--steps", type=int, default=None, help="stop after this many optimizer steps instead")
-    parser.add_argument("--n", type=int, default=64, help="number of images to sample")
+    add_common_arguments(parser, out="benchmarks/out/lucidrains_recipe")
     parser.add_argument("--sample-steps", type=int, nargs="+", default=[20],
                         help=f"DDIM steps (= NFE), one sample set each; the README's is {DEFAULT_SAMPLING_STEPS}")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--score", action="store_true",
-                        help="also compute the domain score vs the MNIST test split (trains the classifier once)")
-    parser.add_argument("--data-dir", default=None, help="data folder (default: $NOISECRAFT_DATA)")
-    parser.add_argument("--cache-dir", default=None, help="classifier cache")
-    parser.add_argument("--out", default="benchmarks/out/lucidrains_recipe", help="folder for grids and results")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     _library()  # fail early, with the install hint, if the package is missing
 
     from noisecraft.data.datasets import load_dataset
-    from noisecraft.viz.images import save_grid
 
     train = load_dataset("mnist", split="train", data_dir=args.data_dir)
     minutes = None if args.steps is not None else args.minutes
@@ -266,33 +255,8 @@ def main(argv=None) -> None:
           f"({stats['steps'] * BATCH_SIZE * GRADIENT_ACCUMULATE_EVERY} images) in {stats['seconds']:.0f}s = "
           f"{stats['images_per_s']:.1f} img/s on {torch.get_num_threads()} thread(s), "
           f"loss {stats['final_loss']:.4f}")
-
-    out = Path(args.out)
-    results = {**stats, "n": args.n, "seed": args.seed, "threads": torch.get_num_threads(), "samplers": {}}
-    scorer = None
-    if args.score:
-        from noisecraft.evaluation.classifier import load_or_train_classifier
-        from noisecraft.evaluation.fid import domain_fid, reference_statistics
-
-        classifier = load_or_train_classifier("mnist", data_dir=args.data_dir, cache_dir=args.cache_dir)
-        reference = reference_statistics(load_dataset("mnist", split="test", data_dir=args.data_dir), classifier)
-        scorer = lambda images: domain_fid(images, reference, classifier)
-    for sample_steps in args.sample_steps:
-        start = time.perf_counter()
-        samples = sample_recipe(model, args.n, steps=sample_steps, seed=args.seed, progress=True)
-        seconds = time.perf_counter() - start
-        name = f"DDIM-{sample_steps}" if sample_steps < NUM_TRAIN_TIMESTEPS else "DDPM-1000"
-        grid = save_grid(samples[:64], out / f"samples_{name}.png", nrow=8)
-        entry = {"nfe": sample_steps, "seconds": round(seconds, 2),
-                 "min": float(samples.min()), "max": float(samples.max()), "mean": float(samples.mean())}
-        if scorer is not None:
-            entry["domain_fid"] = scorer(samples)
-        results["samplers"][name] = entry
-        score = f", domain FID {entry['domain_fid']:.3f}" if "domain_fid" in entry else ""
-        print(f"  {name}: {args.n} images {tuple(samples.shape[1:])} in {seconds:.1f}s, "
-              f"range [{entry['min']:.2f}, {entry['max']:.2f}], mean {entry['mean']:.3f}{score}; grid {grid}")
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-
+    name_for = lambda steps: f"DDIM-{steps}" if steps < NUM_TRAIN_TIMESTEPS else "DDPM-1000"
+    draw_sample_sets(args, model, sample_recipe, name_for, dict(stats))
 
 if __name__ == "__main__":
     try:

@@ -8,7 +8,6 @@ import torch
 
 from noisecraft.cli import main
 from noisecraft.config import load_run_config
-from noisecraft.data.datasets import load_dataset
 from noisecraft.errors import NoisecraftError
 from noisecraft.pipelines.diffusion import DiffusionPipeline
 from noisecraft.samplers import generate
@@ -18,11 +17,6 @@ from noisecraft.training.distill import Distiller, distillation_target, ode_step
 from noisecraft.training.trainer import Trainer
 
 from test_edm import tiny_edm_config
-
-
-@pytest.fixture(scope="module")
-def few_digits():
-    return load_dataset("digits", split="train").subset(40)
 
 
 @pytest.fixture(scope="module")

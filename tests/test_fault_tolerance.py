@@ -23,7 +23,6 @@ import torch
 
 from noisecraft import cli
 from noisecraft.config import DataConfig, DiffusionConfig, RunConfig, TrainConfig
-from noisecraft.data.datasets import load_dataset
 from noisecraft.errors import NoisecraftError
 from noisecraft.io import checkpoint, csv_log
 from noisecraft.io.checkpoint import existing_state_dir, load_json, load_torch, load_weights
@@ -46,11 +45,6 @@ def harness():
         yield module
     finally:
         sys.modules.pop("kill_resume", None)
-
-
-@pytest.fixture(scope="module")
-def few_digits():
-    return load_dataset("digits", split="train").subset(40)
 
 
 def make_config(steps: int, checkpoint_every: int = 2) -> RunConfig:
