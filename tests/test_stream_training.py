@@ -24,6 +24,7 @@ from tiny_runs import train_tiny_vae_and_clip
 
 from noisecraft.cli import main
 from noisecraft.data import sources
+from noisecraft.data.captions import class_captions
 from noisecraft.data.datasets import load_dataset
 from noisecraft.data.shards import write_shards
 from noisecraft.data.sources import ShardDataset, open_shard_dataset
@@ -238,7 +239,7 @@ def test_text_conditions_are_the_shard_captions_or_class_captions_with_dropout(c
         calls.append(list(texts))
         return (torch.tensor([[[float(len(t))]] for t in texts]),)
     g = torch.Generator().manual_seed(0)
-    for folder, class_texts in ((captioned, None), (digits_shards, sources.class_captions("digits"))):
+    for folder, class_texts in ((captioned, None), (digits_shards, class_captions("digits"))):
         data = open_shard_dataset(folder)
         batch = next(iter(ShardLoader(ShardStream(data.manifest, 8, seed=0))))
         texts = sources._StreamTexts(encoder, class_texts)

@@ -136,6 +136,7 @@ class DataConfig:
     shards: str | None = None         # streamed from this shard folder (data/sources.py) instead of held in memory
     shards_fingerprint: str | None = None   # sha256 over the shards' names, counts and checksums: --resume checks it
     latents: str | None = None        # the shards' latent cache (noisecraft encode), read instead of encoding on the fly
+    text_cache: str | None = None     # the shards' caption-embedding cache (noisecraft encode --text-encoder)
 
     RULES = (   # field, type, allowed values, None allowed (settings.check_fields)
         ("dataset", "str", None, False),
@@ -145,6 +146,7 @@ class DataConfig:
         ("shards", "str", None, True),
         ("shards_fingerprint", "str", None, True),
         ("latents", "str", None, True),
+        ("text_cache", "str", None, True),
     )
 
     def __post_init__(self):

@@ -103,17 +103,20 @@ def _load(args, config=None):
     from ..data.sources import open_shard_dataset
     folder = args.data if args.data is not None else (config.data.shards if config is not None else None)
     latents = args.latents if args.latents is not None else (config.data.latents if config is not None else None)
+    texts = args.text_cache if args.text_cache is not None else (config.data.text_cache if config is not None else None)
     if folder is None:
-        if latents is not None:
-            raise NoisecraftError(f"--latents {latents} is the latent cache of a shard set; train on the shards "
-                                  "with --data SHARDS as well.")
+        for flag, cache in (("--latents", latents), ("--text-cache", texts)):
+            if cache is not None:
+                raise NoisecraftError(f"{flag} {cache} is a cache of a shard set; train on the shards with --data "
+                                      "SHARDS as well.")
         return load_data(args)
     if config is not None:       # the run's own size: crop and resize only where the first invocation did
         _, h, w = config.data.image_shape
         size = h if h == w else None
     else:
         size = args.image_size
-    return open_shard_dataset(folder, size, workers=args.workers, max_bad=args.max_bad, latents=latents)
+    return open_shard_dataset(folder, size, workers=args.workers, max_bad=args.max_bad, latents=latents,
+                              text_cache=texts)
 
 
 def _train(args, distributed, speed) -> int:
@@ -157,14 +160,17 @@ def _train(args, distributed, speed) -> int:
         if streamed:    # where the shards are, and what they are: --resume refuses other shards
             config.data = replace(config.data, shards=str(dataset.folder.resolve()),
                                   shards_fingerprint=dataset.fingerprint,
-                                  latents=str(dataset.latents.folder.resolve()) if dataset.latents else None)
+                                  latents=str(dataset.latents.folder.resolve()) if dataset.latents else None,
+                                  text_cache=str(dataset.text_cache.folder.resolve()) if dataset.text_cache else None)
         trainer = Trainer(config, dataset, out, **options)
         budget = (f"{config.train.steps} steps" if config.train.steps else "") + \
                  (" or " if config.train.steps and config.train.minutes else "") + \
                  (f"{config.train.minutes:g} minutes" if config.train.minutes else "")
         space = f", latents {'x'.join(map(str, config.latent.latent_shape))}" if config.latent else ""
         cond = ", text-conditional" if config.text else (", class-conditional" if config.data.conditional else "")
-        cached = f", latents cached in {dataset.latents.folder}" if streamed and dataset.latents else ""
+        cached = "".join(f", {what} cached in {cache.folder}" for what, cache in
+                         (("latents", getattr(dataset, "latents", None)),
+                          ("caption embeddings", getattr(dataset, "text_cache", None))) if cache is not None)
         where = (f"the shards in {dataset.folder} ({dataset.name}, {len(dataset.manifest.shards)} shards, "
                  f"data workers: {dataset.workers}{cached})" if streamed else dataset.name)
         say(f"training on {where} ({len(dataset)} images {'x'.join(map(str, dataset.image_shape))}{space}"
@@ -189,10 +195,15 @@ def add_parsers(sub) -> None:
                    help="--data: processes decoding the shards (0: in the training process; default: one per core "
                         "but one, at most 2)")
     t.add_argument("--max-bad", type=count, default=100, metavar="N",
-                   help="--data: stop after more than N unreadable samples per process (default 100)")
+                   help="--data: stop after more than N unusable samples (unreadable, or missing from a cache), "
+                        "counted over all processes under torchrun (default 100)")
     t.add_argument("--latents", default=None, metavar="DIR",
                    help="--data with --latent: read the VAE posteriors from this cache (noisecraft encode) instead "
                         "of encoding every batch (on --resume: where the cache is now)")
+    t.add_argument("--text-cache", default=None, metavar="DIR",
+                   help="--data with --text-encoder: read the caption embeddings from this cache (noisecraft encode "
+                        "--text-encoder; may be the --latents folder) instead of running the text encoder every "
+                        "step (on --resume: where the cache is now)")
     t.add_argument("--out", default=None, help="new run directory")
     t.add_argument("--resume", default=None, help="continue the run in this directory")
     t.add_argument("--conditional", action="store_true", help="class-conditional (with label dropout for guidance)")

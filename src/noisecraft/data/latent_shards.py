@@ -49,10 +49,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 
 from ..errors import NoisecraftError, brief
-from ..io.checkpoint import load_json, load_weights, save_json, save_weights
+from ..io.checkpoint import load_json, load_weights, save_json
+from .shard_cache import cache_file, write_per_shard
 from .shards import manifest_fingerprint
 from .stream import ShardStream, open_shards
 
@@ -67,7 +68,7 @@ VAE_FILES = ("config.json", "model.safetensors")
 
 def latent_file(shard_file: str) -> str:
     """shard-000012.tar -> shard-000012.latents.safetensors"""
-    return shard_file.rsplit(".", 1)[0] + ".latents.safetensors"
+    return cache_file(shard_file, "latents")
 
 
 def vae_digest(folder: str | Path) -> str:
@@ -86,14 +87,6 @@ def vae_digest(folder: str | Path) -> str:
 
 # --------------------------------------------------------------------------------------------------
 # Writing
-
-
-def _file_metadata(path: Path) -> dict | None:
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return dict(f.metadata() or {})
-    except (OSError, SafetensorError, ValueError):
-        return None
 
 
 def _encode_shard(vae, stream: ShardStream, index: int, dtype: torch.dtype, batch_size: int) -> dict:
@@ -150,32 +143,15 @@ def encode_shards(vae_run: str | Path, shards: str | Path, out: str | Path, *, i
                               f"another --image-size.") from None
     key = {"vae": vae_digest(vae_run), "image_shape": list(image_shape), "dtype": dtype}
     key_text = json.dumps(key, sort_keys=True)
-    out.mkdir(parents=True, exist_ok=True)
-    if rank == 0:
-        (out / MANIFEST).unlink(missing_ok=True)    # files are about to change: no manifest may vouch for them
-    barrier()
-
-    mine = list(range(rank, len(manifest.shards), world_size))
-    for done, s in enumerate(mine, 1):
-        info = manifest.shards[s]
-        path = out / latent_file(info.file)
-        meta = {"format": FORMAT, "shard": info.file, "shard_sha256": info.sha256, "key": key_text}
-        reused = path.is_file() and _file_metadata(path) == meta
-        if not reused:
-            save_weights(_encode_shard(vae, stream, s, DTYPES[dtype], batch_size), path, metadata=meta)
-        if progress is not None:
-            progress(done, len(mine), reused)
-    barrier()
-    if rank != 0:
+    written = write_per_shard(manifest, out, "latents", FORMAT, key_text,
+                              lambda s: _encode_shard(vae, stream, s, DTYPES[dtype], batch_size),
+                              manifest_name=MANIFEST, rank=rank, world_size=world_size, barrier=barrier,
+                              progress=progress)
+    if written is None:
         return None
-
     files, valid = [], 0
-    for info in manifest.shards:
-        path = out / latent_file(info.file)
-        if _file_metadata(path) != {"format": FORMAT, "shard": info.file, "shard_sha256": info.sha256,
-                                    "key": key_text}:
-            raise NoisecraftError(f"{path} was not written by this encode (another process changed the folder); "
-                                  "run `noisecraft encode` again.")
+    for s, path in written:
+        info = manifest.shards[s]
         with safe_open(str(path), framework="pt") as f:
             ok = int(f.get_tensor("valid").sum())
         files.append({"file": path.name, "shard": info.file, "count": info.count, "valid": ok,

@@ -151,6 +151,15 @@ def read_manifest(folder: str | Path) -> Manifest:
                     channels, dict(sizes), str(raw.get("source", "")), raw)
 
 
+def source_name(manifest: Manifest) -> str:
+    """The dataset a shard set was written from: 'mnist' for 'mnist:train', 'folder:PATH' for a folder (what a run
+    trained on it is named, and which class captions a labelled set gets)."""
+    source = manifest.source
+    if source.startswith("folder:") or ":" not in source:
+        return source or f"shards:{manifest.folder}"
+    return source.rsplit(":", 1)[0]
+
+
 def manifest_fingerprint(manifest: Manifest) -> str:
     """sha256 over the shard list (file names, sample counts, sha256 of each shard): the identity of a shard set,
     unchanged when the folder moves, changed by any rewritten shard."""

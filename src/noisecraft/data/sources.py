@@ -22,7 +22,8 @@ forward per image per step) unless it was given a latent cache (`noisecraft enco
 generator exactly as on the fly. A text run embeds each batch's captions with the frozen text encoder, one caption at
 a time (a caption's embedding then never depends on what else was in its batch, so resume is exact) behind a cache
 of recently seen captions bounded in bytes (class-template captions are embedded once; unique captions once per
-visit); caption embeddings are not cached on disk yet.
+visit), unless it was given a caption-embedding cache (`noisecraft encode --text-encoder`, text_shards.py; `train
+--text-cache`): then the same captions are chosen with the same draws and their embeddings are looked up.
 """
 
 from __future__ import annotations
@@ -37,13 +38,13 @@ import torch
 from ..config import RunConfig
 from ..errors import NoisecraftError
 from .batches import TrainingBatches
-from .captions import class_captions
 from .datasets import ImageDataset
-from .encoded import build_batches, encode_prompts
+from .encoded import _folder_digest, build_batches, encode_prompts
 from .latent_shards import LatentCache, open_latent_cache, vae_digest
 from .order import EpochOrder
-from .shards import Manifest, manifest_fingerprint
-from .stream import ShardLoader, ShardStream, open_shards
+from .shards import Manifest, manifest_fingerprint, source_name
+from .stream import ShardLoader, ShardStream, bad_limit, open_shards
+from .text_shards import TextCache, caption_source, open_text_cache
 
 DEFAULT_MAX_BAD = 100
 TEXT_CACHE_BYTES = 64 * 2**20
@@ -69,14 +70,6 @@ def default_workers() -> int:
     return max(0, min(2, cores - 1))
 
 
-def _source_name(manifest: Manifest) -> str:
-    """The dataset a shard set was written from: 'mnist' for 'mnist:train', 'folder:PATH' for a folder."""
-    source = manifest.source
-    if source.startswith("folder:") or ":" not in source:
-        return source or f"shards:{manifest.folder}"
-    return source.rsplit(":", 1)[0]
-
-
 @dataclass
 class ShardDataset:
     """A shard set as the trainer sees it instead of an ImageDataset: what it holds (name, image shape, classes,
@@ -89,11 +82,12 @@ class ShardDataset:
     max_bad: float = DEFAULT_MAX_BAD
     window: int = 16
     latents: LatentCache | None = None     # the posteriors of every image, from `noisecraft encode` (None: encode now)
+    text_cache: TextCache | None = None    # the captions' embeddings, from `noisecraft encode --text-encoder`
     labels = None          # no label tensor in memory: `has_labels` says whether the samples carry them
 
     @property
     def name(self) -> str:
-        return _source_name(self.manifest)
+        return source_name(self.manifest)
 
     @property
     def folder(self) -> Path:
@@ -124,10 +118,12 @@ class ShardDataset:
 
 
 def open_shard_dataset(folder, image_size: int | None = None, *, workers: int | None = None,
-                       max_bad: float = DEFAULT_MAX_BAD, verify: str = "size", latents=None) -> ShardDataset:
+                       max_bad: float = DEFAULT_MAX_BAD, verify: str = "size", latents=None,
+                       text_cache=None) -> ShardDataset:
     """The shard set in `folder` for training: images centre-cropped and resized to image_size² (None: the stored
-    size, which must then be one size), decoded by `workers` processes (None: `default_workers()`); `latents`: the
-    folder of its latent cache (`noisecraft encode`), checked against the run when training starts."""
+    size, which must then be one size), decoded by `workers` processes (None: `default_workers()`); `latents`,
+    `text_cache`: the folders of its latent and caption-embedding caches (`noisecraft encode`), checked against the
+    run when training starts."""
     manifest = open_shards(folder, verify)
     workers = default_workers() if workers is None else workers
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
@@ -144,6 +140,8 @@ def open_shard_dataset(folder, image_size: int | None = None, *, workers: int | 
     data = ShardDataset(manifest, shape, image_size, workers, max_bad)
     if latents is not None:
         data.latents = open_latent_cache(latents, keep=data.window + 2)
+    if text_cache is not None:
+        data.text_cache = open_text_cache(text_cache, keep=data.window + 2)
     return data
 
 
@@ -190,11 +188,12 @@ class _StreamLatents:
 
 class _CachedLatents:
     """z = s·(μ + σ·ε) with μ, σ the cached posterior of each streamed sample, found by its id (ε as on the fly). A
-    row the cache marks unreadable becomes an invalid row of the batch, counted in `bad` (more than max_bad: stop)."""
+    row the cache marks unreadable becomes an invalid row of the batch, counted in `bad` (more than max_bad: stop;
+    None: count only, the limit is applied to the total over processes)."""
 
     needs_pixels = False
 
-    def __init__(self, cache: LatentCache, scaling_factor: float, max_bad: int):
+    def __init__(self, cache: LatentCache, scaling_factor: float, max_bad: int | None):
         self.cache, self.scaling_factor, self.max_bad = cache, float(scaling_factor), max_bad
         self.bad = 0
 
@@ -202,7 +201,7 @@ class _CachedLatents:
         eps = torch.randn((n, *self.cache.latent_shape), generator=generator)[shard]
         mean, std, ok = self.cache.rows(batch.ids)
         self.bad += int((batch.valid & ~ok).sum())
-        if self.bad > self.max_bad:
+        if self.max_bad is not None and self.bad > self.max_bad:
             raise NoisecraftError(f"Stopped after {self.bad} samples without a usable latent in {self.cache.folder}, "
                                   f"more than the limit of {self.max_bad}; encode the shards again with "
                                   "`noisecraft encode`, or raise the limit.")
@@ -259,17 +258,40 @@ class _StreamTexts:
         return torch.stack([self.embed(t) for t in self.texts(batch, generator, drop, n, shard)])
 
 
+class _CachedTexts(_StreamTexts):
+    """The captions `_StreamTexts` chooses, with the same random draws, embedded by a lookup in the text cache
+    (`noisecraft encode --text-encoder`) instead of the text encoder. A caption the cache lacks makes its row
+    invalid, counted in `bad`."""
+
+    def __init__(self, cache: TextCache, class_texts: list[list[str]] | None):
+        super().__init__(None, class_texts, budget=0)
+        self.cache, self.bad = cache, 0
+
+    def __call__(self, batch, generator: torch.Generator, drop: float, n: int, shard: slice) -> torch.Tensor:
+        contexts, found = self.cache.rows(batch.ids, self.texts(batch, generator, drop, n, shard))
+        self.bad += int((batch.valid & ~found).sum())
+        batch.valid = batch.valid & found
+        return contexts
+
+
 class StreamSource:
     """A shard set streamed for one process: global batch `step` of a ShardStream (this rank's rows of it) as x0 and
     cond. The loader (with its worker processes) is opened at the first step asked for and reopened whenever a step
-    is asked for out of turn, so a resumed trainer needs nothing but its step."""
+    is asked for out of turn, so a resumed trainer needs nothing but its step.
+
+    The bad-data limit (`--max-bad`) applies to the total over processes: `bad` counts this process's unusable
+    samples (unreadable ones, and those a cache has no row for) and the trainer calls `check_total` with the sum
+    over ranks at every step. On one process the loader and the latent cache also stop by themselves, naming the
+    last bad sample; under torchrun they only count, so that no rank stops without the others."""
 
     def __init__(self, data: ShardDataset, batch_size: int, seed: int, rank: int, world_size: int, images,
                  condition=None):
         self.data, self.batch_size, self.seed = data, batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.images, self.condition = images, condition
-        self.bad = 0                  # unreadable samples met by this process's loaders (the trainer counts its rows)
+        self.limit = bad_limit(data.max_bad, len(data))
+        self.bad = 0                  # unusable samples met by this process (the trainer counts its rows)
+        self._closed_bad = 0          # ... by its loaders closed so far
         self._loader = self._batches = None
         self._next = None
 
@@ -280,7 +302,7 @@ class StreamSource:
                              seed=self.seed, rank=self.rank, world_size=self.world_size,
                              start=step * self.batch_size, window=d.window,
                              decode=getattr(self.images, "needs_pixels", True))
-        self._loader = ShardLoader(stream, num_workers=d.workers, max_bad=d.max_bad)
+        self._loader = ShardLoader(stream, num_workers=d.workers, max_bad=self.limit if self.world_size == 1 else None)
         self._batches, self._next = iter(self._loader), step
 
     def batch(self, step: int, generator: torch.Generator, drop: float, shard: slice) -> StepBatch:
@@ -288,47 +310,61 @@ class StreamSource:
             self._open(step)
         got = next(self._batches)
         self._next = step + 1
-        self.bad = self._loader.bad + getattr(self.images, "bad", 0)
         if got.position != step * self.batch_size or len(got.ids) != shard.stop - shard.start:
             raise NoisecraftError(f"the shard stream gave samples {got.position}.. ({len(got.ids)} of them) for step "
                                   f"{step}; please report this bug.")
         n = self.batch_size
         x0 = self.images(got, generator, n, shard)
         cond = None if self.condition is None else self.condition(got, generator, drop, n, shard)
+        self.bad = (self._closed_bad + self._loader.bad + getattr(self.images, "bad", 0)
+                    + getattr(self.condition, "bad", 0))
         return StepBatch(x0, cond, got.valid)
+
+    def check_total(self, total: int) -> None:
+        """Stop, in the same sentence on every process, once `total` unusable samples (summed over processes) are
+        more than the limit."""
+        if total > self.limit:
+            over = f" over {self.world_size} processes" if self.world_size > 1 else ""
+            raise NoisecraftError(
+                f"Stopped after {total} unusable samples of {self.data.folder}{over} (images that could not be read, "
+                f"or rows missing from a cache), more than the limit of {self.limit}; repair or rewrite the shards "
+                "(`noisecraft shard`) or the caches (`noisecraft encode`), or raise --max-bad.")
 
     def close(self) -> None:
         """Stop the loader's worker processes (a later batch() opens it again)."""
         if self._batches is not None:
             self._batches.close()
+        if self._loader is not None:
+            self._closed_bad += self._loader.bad
         self._loader = self._batches = self._next = None
 
 
 def _stream_source(config: RunConfig, data: ShardDataset, run_dir: Path, rank: int, world_size: int) -> StreamSource:
-    from ..components import load_text_component, load_vae_component
+    from ..components import TEXT_DIR, VAE_DIR, load_text_component, load_vae_component
     if data.latents is not None and config.latent is None:
         raise NoisecraftError("--latents gives VAE latents, but this run trains on pixels; add --latent VAE_RUN "
                               "(the VAE the cache was made with), or drop --latents.")
+    if data.text_cache is not None and config.text is None:
+        raise NoisecraftError("--text-cache gives caption embeddings, but this run is not text-conditional; add "
+                              "--text-encoder SPEC (the encoder the cache was made with), or drop --text-cache.")
     if data.latents is not None:
-        from ..components import VAE_DIR
         data.latents.check(data.fingerprint, vae_digest(run_dir / VAE_DIR), data.image_shape,
                            config.latent.latent_shape)
-        max_bad = data.max_bad if isinstance(data.max_bad, int) else int(data.max_bad * len(data))
-        images = _CachedLatents(data.latents, config.latent.scaling_factor, max_bad)
+        limit = bad_limit(data.max_bad, len(data)) if world_size == 1 else None    # torchrun: the trainer's total
+        images = _CachedLatents(data.latents, config.latent.scaling_factor, limit)
     elif config.latent is not None:
         vae, scaling_factor = load_vae_component(run_dir)
         images = _StreamLatents(vae, scaling_factor, config.latent.latent_shape)
     else:
         images = _StreamPixels()
     if config.text is not None:
-        class_texts = None
-        if not data.manifest.captions:
-            if not data.has_labels:
-                raise NoisecraftError(f"The shards in {data.folder} have neither captions nor labels to caption; a "
-                                      "text-conditional run needs one of them (write the shards from a folder with "
-                                      "captions.jsonl).")
-            class_texts = class_captions(data.name)
-        condition = _StreamTexts(load_text_component(run_dir), class_texts)
+        texts_from, class_texts = caption_source(data.manifest)
+        if data.text_cache is not None:
+            data.text_cache.check(data.fingerprint, _folder_digest(run_dir / TEXT_DIR), config.text.max_length,
+                                  config.text.dim, texts_from)
+            condition = _CachedTexts(data.text_cache, class_texts)
+        else:
+            condition = _StreamTexts(load_text_component(run_dir), class_texts)
     elif config.data.conditional:
         condition = _StreamLabels(config.model.num_classes)
     else:

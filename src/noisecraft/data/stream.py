@@ -267,7 +267,7 @@ class ShardStream(IterableDataset):
                                   "use a smaller batch size.")
         if end is not None and end < start:
             raise NoisecraftError(f"end ({end}) comes before start ({start}).")
-        if image_size is None and len(m.sizes) > 1:
+        if image_size is None and len(m.sizes) > 1 and self.decode:
             raise NoisecraftError(f"The shards in {m.folder} hold images of {len(m.sizes)} sizes; pass an image size "
                                   "to centre-crop and resize them all to one square.")
         if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
@@ -372,17 +372,7 @@ class ShardStream(IterableDataset):
 
     def _sample(self, reader: _Reader, sample_id: int, epoch: int):
         name, members = reader.read(sample_id, epoch)
-        m = self.manifest
-        label = -1
-        if "cls" in members:
-            try:
-                label = int(members["cls"].decode("ascii").strip())
-            except (UnicodeDecodeError, ValueError):
-                raise _Bad(f"{name} has a label that is not an integer ({brief(repr(members['cls']), 40)})") from None
-            if m.class_names and not 0 <= label < len(m.class_names):
-                raise _Bad(f"{name} has label {label}, but the set has {len(m.class_names)} classes")
-        elif m.labels:
-            raise _Bad(f"{name} has no label (.cls)")
+        label = self._label(name, members)
         caption, note = self._caption(name, members, sample_id, epoch)
         image = next((ext for ext in members if ext in IMAGE_EXTS), None)
         if image is None:
@@ -400,45 +390,91 @@ class ShardStream(IterableDataset):
             raise _Bad(f"{name} is {im.size[0]}x{im.size[1]}, not {self.shape[1]}x{self.shape[0]} like the set")
         return np.asarray(im, dtype=np.uint8), label, caption, note
 
+    def _label(self, name: str, members: dict) -> int:
+        """The sample's class label (-1 in a set without labels), or _Bad."""
+        m = self.manifest
+        if "cls" not in members:
+            if m.labels:
+                raise _Bad(f"{name} has no label (.cls)")
+            return -1
+        try:
+            label = int(members["cls"].decode("ascii").strip())
+        except (UnicodeDecodeError, ValueError):
+            raise _Bad(f"{name} has a label that is not an integer ({brief(repr(members['cls']), 40)})") from None
+        if m.class_names and not 0 <= label < len(m.class_names):
+            raise _Bad(f"{name} has label {label}, but the set has {len(m.class_names)} classes")
+        return label
+
     def _caption(self, name: str, members: dict, sample_id: int, epoch: int) -> tuple[str, str | None]:
         """The sample's caption (one of several, chosen by (seed, epoch, sample)), and a note when it is empty."""
         if not self.manifest.captions:
             return "", None
-        texts = []
-        try:
-            if "json" in members:
-                extra = json.loads(members["json"].decode("utf-8")).get("captions")
-                if isinstance(extra, list):
-                    texts = [t for t in extra if isinstance(t, str) and t.strip()]
-            if not texts and "txt" in members:
-                texts = [members["txt"].decode("utf-8")]
-        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-            return "", f"{name} has a caption that is not UTF-8 text; it gets the empty caption"
-        texts = [t for t in texts if t.strip()]
+        texts, note = _caption_options(name, members)
         if not texts:
-            return "", f"{name} has an empty caption; it gets the empty caption"
+            return "", note
         return texts[_seed(self.seed, epoch, sample_id, "caption") % len(texts)] if len(texts) > 1 else texts[0], None
+
+    def shard_texts(self, index: int):
+        """Every caption each sample of shard `index` may be given (all of them: the one a step uses depends on the
+        seed and epoch) and its label (-1: none), in tar order, without decoding an image: one (captions, label)
+        per sample, or (None, why) for a sample that cannot be read. For the text cache of `noisecraft encode`."""
+        base = sum(self.counts[:index])
+        reader = _Reader(self.manifest, 1)
+        try:
+            for k in range(self.counts[index]):
+                try:
+                    name, members = reader.read(base + k, 0)
+                    label = self._label(name, members)
+                except _Bad as bad:
+                    yield None, str(bad)
+                    continue
+                texts = _caption_options(name, members)[0] if self.manifest.captions else []
+                yield texts, label
+        finally:
+            reader.close()
+
+
+def _caption_options(name: str, members: dict) -> tuple[list[str], str | None]:
+    """The non-empty captions of a sample (its .json "captions" list, else its .txt), and a note when there is none."""
+    texts = []
+    try:
+        if "json" in members:
+            extra = json.loads(members["json"].decode("utf-8")).get("captions")
+            if isinstance(extra, list):
+                texts = [t for t in extra if isinstance(t, str) and t.strip()]
+        if not texts and "txt" in members:
+            texts = [members["txt"].decode("utf-8")]
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return [], f"{name} has a caption that is not UTF-8 text; it gets the empty caption"
+    texts = [t for t in texts if t.strip()]
+    return texts, None if texts else f"{name} has an empty caption; it gets the empty caption"
 
 
 # --------------------------------------------------------------------------------------------------
 # The loader
 
 
+def bad_limit(max_bad: float, count: int) -> int:
+    """The number of unusable samples allowed: max_bad itself (a count), or that fraction of `count` samples."""
+    if isinstance(max_bad, float) and 0 < max_bad < 1:
+        return int(max_bad * count)
+    if isinstance(max_bad, bool) or not isinstance(max_bad, int) or max_bad < 0:
+        raise NoisecraftError(f"max_bad must be a count >= 0 or a fraction in (0, 1), got {max_bad!r}.")
+    return max_bad
+
+
 class ShardLoader:
     """Iterates a ShardStream in this process (num_workers=0) or through a DataLoader with worker processes, in the
     same order either way; logs and counts bad data, and stops with one NoisecraftError after more than `max_bad`
-    skipped samples (an int, or a float in (0, 1): that fraction of the set's samples)."""
+    skipped samples (an int, or a float in (0, 1): that fraction of the set's samples; None: count, never stop —
+    for a caller that applies the limit to a total over processes, as the trainer does under torchrun)."""
 
-    def __init__(self, stream: ShardStream, num_workers: int = 0, max_bad: float = 100,
+    def __init__(self, stream: ShardStream, num_workers: int = 0, max_bad: float | None = 100,
                  prefetch_factor: int = 2):
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
             raise NoisecraftError(f"The number of data workers must be an integer >= 0, got {num_workers!r}.")
-        if isinstance(max_bad, float) and 0 < max_bad < 1:
-            max_bad = int(max_bad * stream.manifest.count)
-        if isinstance(max_bad, bool) or not isinstance(max_bad, int) or max_bad < 0:
-            raise NoisecraftError(f"max_bad must be a count >= 0 or a fraction in (0, 1), got {max_bad!r}.")
         self.stream, self.num_workers, self.prefetch_factor = stream, num_workers, prefetch_factor
-        self.max_bad = max_bad
+        self.max_bad = None if max_bad is None else bad_limit(max_bad, stream.manifest.count)
         self.bad = self.empty_captions = 0
         self._logged: set[str] = set()
 
@@ -488,7 +524,7 @@ class ShardLoader:
             if message not in self._logged:
                 self._logged.add(message)
                 logger.warning("skipped: %s (%d skipped so far)", message, self.bad)
-            if self.bad > self.max_bad:
+            if self.max_bad is not None and self.bad > self.max_bad:
                 raise NoisecraftError(
                     f"Stopped after skipping {self.bad} unreadable samples of {self.stream.manifest.folder}, more than "
                     f"the limit of {self.max_bad} (the last: {message}); repair or rewrite the shards with "

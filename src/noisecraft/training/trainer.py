@@ -219,12 +219,16 @@ class Trainer:
 
     def _readable_rows(self, valid: torch.Tensor | None, mine: slice, n: int) -> tuple[torch.Tensor | None, int]:
         """(which rows of the global batch were readable, how many), shared by all processes; (None, n) when
-        every row is (in memory)."""
+        every row is (in memory). The same all-reduce sums the processes' counts of unusable samples, so the
+        --max-bad limit holds for the total and every process stops after the same step, in the same sentence."""
         if valid is None:
             return None, n
-        rows = torch.zeros(n)
-        rows[mine] = valid.float()
+        rows = torch.zeros(n + 1, dtype=torch.float64)      # (float64: counts stay exact far beyond 2^24)
+        rows[mine] = valid.double()
+        rows[n] = self.source.bad
         rows = self.dist.all_reduce_sum(rows)
+        self.source.check_total(int(rows[n].item()))
+        rows = rows[:n]
         return rows > 0, int(rows.sum().item())
 
     def _agree_on_step(self, per_example: torch.Tensor, weights: torch.Tensor, mine: slice,

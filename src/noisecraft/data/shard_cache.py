@@ -1,0 +1,71 @@
+"""What the per-shard caches of `noisecraft encode` share: one safetensors file per image shard, written by the
+process that owns the shard, reused when its metadata still matches, vouched for by a manifest written last.
+
+Both caches (VAE latents, latent_shards.py; caption embeddings, text_shards.py) follow the same protocol:
+
+    1. rank 0 removes the cache's manifest (the files are about to change: nothing may vouch for them meanwhile);
+    2. process r of W writes the files of the shards s ≡ r (mod W), atomically, each carrying in its metadata the
+       image shard it was made from (name and sha256) and the cache's key; a file whose metadata already matches is
+       kept, so an interrupted encode continues where it stopped and the files never depend on W;
+    3. after every process is done, rank 0 checks every file's metadata again and writes the manifest.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from safetensors import SafetensorError, safe_open
+
+from ..errors import NoisecraftError
+from ..io.checkpoint import save_weights
+from .shards import Manifest
+
+
+def cache_file(shard_file: str, kind: str) -> str:
+    """shard-000012.tar, "latents" -> shard-000012.latents.safetensors"""
+    return f"{shard_file.rsplit('.', 1)[0]}.{kind}.safetensors"
+
+
+def file_metadata(path: Path) -> dict | None:
+    """The metadata of a safetensors file, or None when it is missing or unreadable."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (OSError, SafetensorError, ValueError):
+        return None
+
+
+def write_per_shard(manifest: Manifest, out: Path, kind: str, fmt: str, key_text: str, compute, *,
+                    manifest_name: str, rank: int = 0, world_size: int = 1, barrier=lambda: None,
+                    progress=None) -> list[tuple[int, Path]] | None:
+    """Steps 1-3 of the module docstring for one cache: compute(s) gives the tensors of image shard s.
+    Returns [(shard index, file path)] for every shard on rank 0 once all are written and checked (None
+    elsewhere); progress(done, total, reused) is called after each of this process's shards."""
+    out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        (out / manifest_name).unlink(missing_ok=True)
+    barrier()
+
+    def meta(s: int) -> dict:
+        info = manifest.shards[s]
+        return {"format": fmt, "shard": info.file, "shard_sha256": info.sha256, "key": key_text}
+
+    mine = list(range(rank, len(manifest.shards), world_size))
+    for done, s in enumerate(mine, 1):
+        path = out / cache_file(manifest.shards[s].file, kind)
+        reused = path.is_file() and file_metadata(path) == meta(s)
+        if not reused:
+            save_weights(compute(s), path, metadata=meta(s))
+        if progress is not None:
+            progress(done, len(mine), reused)
+    barrier()
+    if rank != 0:
+        return None
+    files = []
+    for s, info in enumerate(manifest.shards):
+        path = out / cache_file(info.file, kind)
+        if file_metadata(path) != meta(s):
+            raise NoisecraftError(f"{path} was not written by this encode (another process changed the folder); "
+                                  "run `noisecraft encode` again.")
+        files.append((s, path))
+    return files
