@@ -4,6 +4,7 @@ training speed against the in-memory path.
     python benchmarks/stream_data.py                       # both parts, ≈ 5 minutes on 2 idle cores
     python benchmarks/stream_data.py --part rss --sizes 10000,200000 --save
     python benchmarks/stream_data.py --part speed --cifar-images 10000 --rounds 3 --save
+    python benchmarks/stream_data.py --part latent --latent-images 5000 --rounds 3 --save
 
 Peak memory (--part rss): MNIST augmented to N images (a random shift of up to 2 pixels, a horizontal flip with
 probability 1/2, brightness ×0.6-1.0, each drawn per image from its index, so all N differ) is written as PNG shards
@@ -20,9 +21,18 @@ U-Net (what `noisecraft train --dataset cifar10` builds) trains --speed-steps st
 in memory, and streamed with 0, 1 and 2 data workers; images/s and the ratio of medians to the in-memory path are
 printed. Also measured: how fast the loader alone decodes (images/s, no training), the most it can feed.
 
+Cached latents (--part latent): a VAE (--vae RUN, else the default `train-vae` VAE trained 2 steps on MNIST into
+--out: its weights do not change the speed) and the first --latent-images augmented MNIST images, in memory and as PNG
+shards with their latent cache (`noisecraft encode`, written once into --out). In one process, in alternating rounds,
+the default latent U-Net (what `noisecraft train --dataset mnist --latent VAE` builds) trains --speed-steps steps at
+--batch-size after 2 warm-up steps: in memory (the run's own single-file latent cache, encoded when the trainer is
+built, outside the timing), streamed with --latents (no image is decoded: sample ids, labels and the cached μ, σ)
+with each of --latent-workers data workers, and streamed with the VAE encoding every batch on the fly. Images/s and
+the ratio of medians to the in-memory path are printed.
+
 --threads sets torch's threads for training (default 1: the data workers then have the other core of a 2-core
-machine). --save writes benchmarks/results/stream_data.json (or --results PATH). On a GPU machine without the data
-folder, carry the shards this script wrote and run the speed part there:
+machine). --save writes benchmarks/results/stream_data.json (stream_data_latent.json for --part latent), or --results
+PATH. On a GPU machine without the data folder, carry the shards this script wrote and run the speed part there:
 
     python benchmarks/stream_data.py --part speed --cifar-shards benchmarks/out/stream_data/cifar10-jpeg-10000-shards \
         --device cuda --batch-size 128 --speed-steps 30 --rounds 2 --worker-counts 0,2,4,8 --threads 4
@@ -278,9 +288,80 @@ def measure_speed(out: Path, n: int, steps: int, rounds: int, threads: int, say,
             "loader_only_images_per_s": {str(w): v for w, v in decode.items()}}
 
 
+# ------------------------------------------------------------------ cached latents speed
+
+
+def tiny_vae(out: Path, say) -> Path:
+    """The default train-vae VAE, trained 2 steps on MNIST (once, into out/vae): right shapes, any weights."""
+    from noisecraft.cli import main as cli
+    run = out / "vae"
+    if not (run / "model.safetensors").is_file():
+        if cli(["train-vae", "--dataset", "mnist", "--no-download", "--out", str(run), "--steps", "2"]) != 0:
+            raise SystemExit("training the benchmark's VAE failed (is MNIST in $NOISECRAFT_DATA?)")
+        say(f"VAE for the benchmark in {run}")
+    return run
+
+
+def measure_latent_speed(out: Path, n: int, steps: int, rounds: int, threads: int, say, *, device: str = "cpu",
+                         batch_size: int = 32, worker_counts=(0, 1), vae: Path | None = None) -> dict:
+    """Training images/s of a latent run: in memory vs streamed from shards with cached latents (and on the fly)."""
+    from noisecraft.components import attach_components
+    from noisecraft.config import make_run_config
+    from noisecraft.data.datasets import ImageDataset, load_dataset
+    from noisecraft.data.latent_shards import MANIFEST as LATENTS, encode_shards
+    from noisecraft.data.sources import open_shard_dataset
+    from noisecraft.models.unet import count_parameters
+    from noisecraft.training.trainer import Trainer
+    torch.set_num_threads(threads)
+    mnist = load_dataset("mnist", download=False)
+    shards = write_augmented_shards(mnist, n, out / f"mnist-aug-{n}")
+    memory = ImageDataset(augmented_images(mnist, 0, n), mnist.labels[torch.arange(n) % len(mnist)].clone(),
+                          list(mnist.class_names), f"mnist-augmented-{n}")
+    del mnist
+    vae = vae or tiny_vae(out, say)
+    cache = out / f"mnist-aug-{n}-latents"
+    t0 = time.perf_counter()
+    if not (cache / LATENTS).is_file() or json.loads((cache / LATENTS).read_text())["vae_run"] != str(vae.resolve()):
+        encode_shards(vae, shards, cache, device=device)
+        say(f"latent cache of {n} images written to {cache} in {time.perf_counter() - t0:.0f} s")
+    train = {"batch_size": batch_size, "steps": 10**6, "sample_every": 0, "checkpoint_every": 0, "log_every": 0}
+    modes = {"memory": ("memory", None), **{f"cached latents, {w} worker{'s' if w != 1 else ''}": ("cached", w)
+                                           for w in worker_counts}, "VAE on the fly, 1 worker": ("fly", 1)}
+    rates: dict[str, list[float]] = {m: [] for m in modes}
+    memory_batches = []      # the in-memory latents, encoded by the first in-memory trainer and reused
+    with tempfile.TemporaryDirectory() as tmp:
+        def build(kind: str, workers: int | None, run: Path):
+            data = memory if kind == "memory" else open_shard_dataset(
+                shards, workers=workers, latents=cache if kind == "cached" else None)
+            latent, _ = attach_components(run, data.image_shape, vae)
+            config = make_run_config(data, False, train=train, latent=latent)
+            if kind != "memory":
+                config.data = replace(config.data, shards=str(shards), shards_fingerprint=data.fingerprint,
+                                      latents=str(cache) if kind == "cached" else None)
+            batches = memory_batches[0] if kind == "memory" and memory_batches else None
+            trainer = Trainer(config, data, run, device=device, progress=False, batches=batches)
+            if kind == "memory" and not memory_batches:
+                memory_batches.append(trainer.batches)
+            return trainer
+        for r in range(rounds):
+            for mode, (kind, workers) in modes.items():
+                trainer = build(kind, workers, Path(tmp) / f"{r}-{kind}-{workers}")
+                train_steps(trainer, 2)                                   # warm-up: workers start, shards open
+                rates[mode].append(steps * batch_size / train_steps(trainer, steps, device))
+                trainer.source.close()
+            say(f"  round {r + 1}: " + ", ".join(f"{m} {v[-1]:.1f}" for m, v in rates.items()) + " images/s")
+        params = count_parameters(build("memory", None, Path(tmp) / "count").model)
+    medians = {m: statistics.median(v) for m, v in rates.items()}
+    say("medians: " + ", ".join(f"{m} {v:.1f} ({v / medians['memory']:.3f}× memory)" for m, v in medians.items()))
+    return {"images": n, "device": device, "batch_size": batch_size, "steps_per_measurement": steps,
+            "rounds": rounds, "unet_parameters": params, "vae": str(vae), "images_per_s": rates,
+            "median_images_per_s": medians, "ratio_to_memory": {m: v / medians["memory"] for m, v in medians.items()}}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--part", choices=("rss", "speed", "both"), default="both")
+    p.add_argument("--part", choices=("rss", "speed", "both", "latent"), default="both",
+                   help="both: rss and speed; latent: cached latents vs in memory (run on its own)")
     p.add_argument("--sizes", default="10000,200000", help="augmented MNIST set sizes for the memory part")
     p.add_argument("--rss-steps", type=int, default=30)
     p.add_argument("--workers", type=int, default=2, help="data workers of the memory part")
@@ -294,6 +375,9 @@ def main(argv=None) -> int:
     p.add_argument("--cifar-shards", default=None,
                    help="the speed part on these shards (the in-memory copy decoded from them) instead of the JPEG "
                         "folder: for a machine without $NOISECRAFT_DATA")
+    p.add_argument("--latent-images", type=int, default=5000, help="augmented MNIST images of the latent part")
+    p.add_argument("--latent-workers", default="0,1", help="the latent part's data workers for the cached shards")
+    p.add_argument("--vae", default=None, help="the latent part's VAE run (default: a 2-step one, trained into --out)")
     p.add_argument("--out", default="benchmarks/out/stream_data")
     p.add_argument("--save", action="store_true")
     p.add_argument("--results", default=str(RESULTS), help="where --save writes")
@@ -325,10 +409,17 @@ def main(argv=None) -> int:
                                          device=args.device, batch_size=args.batch_size,
                                          worker_counts=[int(w) for w in args.worker_counts.split(",")],
                                          shards=Path(args.cifar_shards) if args.cifar_shards else None)
+    if args.part == "latent":
+        summary["latent_speed"] = measure_latent_speed(
+            out, args.latent_images, args.speed_steps, args.rounds, args.threads, print, device=args.device,
+            batch_size=args.batch_size, worker_counts=[int(w) for w in args.latent_workers.split(",")],
+            vae=Path(args.vae) if args.vae else None)
     summary["wall_s"] = round(time.perf_counter() - t0, 1)
     print(f"done in {summary['wall_s']} s")
     if args.save:
         path = Path(args.results)
+        if args.part == "latent" and path == RESULTS:        # (the pixel parts' results stay)
+            path = RESULTS.with_name("stream_data_latent.json")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(summary, indent=2) + "\n")
         print(f"wrote {path}")
