@@ -53,11 +53,6 @@ def tiny_edm_config(steps=6, conditional=False, **train):
 
 
 @pytest.fixture(scope="module")
-def few_digits():
-    return load_dataset("digits", split="train").subset(40)
-
-
-@pytest.fixture(scope="module")
 def edm_run(tmp_path_factory, few_digits):
     out = tmp_path_factory.mktemp("edm") / "run"
     Trainer(tiny_edm_config(steps=8, conditional=True), few_digits, out, progress=False).fit()
@@ -170,6 +165,12 @@ def test_cli_preconditioning_flag(tmp_path, capsys):
         assert main(["sample", str(tmp_path / "run"), "--n", "2", "--out", str(tmp_path / f"{name}.npz")] + extra) == 0
     plain, churned = (np.load(tmp_path / f"{n}.npz")["images"] for n in ("plain", "churn"))
     assert plain.shape == churned.shape and not np.array_equal(plain, churned)
+
+
+def test_cli_preconditioning_vp_and_edm_prediction_clash(tmp_path, capsys):
+    assert main(["train", "--dataset", "digits", "--preconditioning", "vp", "--prediction", "edm", "--steps", "1",
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert "drop --preconditioning vp" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------- training

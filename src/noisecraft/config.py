@@ -137,6 +137,7 @@ class DataConfig:
     shards_fingerprint: str | None = None   # sha256 over the shards' names, counts and checksums: --resume checks it
     latents: str | None = None        # the shards' latent cache (noisecraft encode), read instead of encoding on the fly
     text_cache: str | None = None     # the shards' caption-embedding cache (noisecraft encode --text-encoder)
+    hflip: bool = False               # mirror half of each batch left-right (photos; pixel runs only)
 
     RULES = (   # field, type, allowed values, None allowed (settings.check_fields)
         ("dataset", "str", None, False),
@@ -147,6 +148,7 @@ class DataConfig:
         ("shards_fingerprint", "str", None, True),
         ("latents", "str", None, True),
         ("text_cache", "str", None, True),
+        ("hflip", "bool", None, False),
     )
 
     def __post_init__(self):

@@ -52,6 +52,9 @@ def _build_config(args, dataset, distributed=None):
         model["channel_mults"] = int_list(args.channel_mults, "--channel-mults")
     if args.attention_levels is not None:
         model["attention_levels"] = int_list(args.attention_levels, "--attention-levels", allow_none=True)
+    if args.preconditioning == "vp" and args.prediction == "edm":
+        raise NoisecraftError("--prediction edm is EDM's preconditioning; drop --preconditioning vp, or pick eps, "
+                              "x0 or v for a VP run.")
     if args.preconditioning == "edm" and args.prediction not in (None, "edm"):
         raise NoisecraftError(f"--preconditioning edm trains EDM's own network output; drop --prediction "
                               f"{args.prediction}.")
@@ -72,6 +75,7 @@ def _build_config(args, dataset, distributed=None):
         if distributed is not None and main:
             distributed.barrier()
     config = make_run_config(dataset, args.conditional, model, diffusion, train, latent=latent, text=text)
+    config.data.hflip = bool(args.hflip)
     if args.min_snr_gamma == 0:
         config.diffusion.min_snr_gamma = None
     return config
@@ -93,7 +97,8 @@ def _run_settings(args) -> dict:
     """The train flags that define a run (its config.json), by flag name."""
     names = ("out", "conditional", "latent", "text_encoder", "batch_size", "lr", "warmup_steps", "ema_decay", "seed",
              "label_dropout", "schedule", "prediction", "preconditioning", "min_snr_gamma", "learn_sigma", "loss", "vlb_weight",
-             "timestep_sampling", "base_channels", "channel_mults", "num_res_blocks", "attention_levels", "dropout")
+             "timestep_sampling", "base_channels", "channel_mults", "num_res_blocks", "attention_levels", "dropout",
+             "hflip")
     return {"--" + n.replace("_", "-"): getattr(args, n) for n in names}
 
 
@@ -207,6 +212,9 @@ def add_parsers(sub) -> None:
     t.add_argument("--out", default=None, help="new run directory")
     t.add_argument("--resume", default=None, help="continue the run in this directory")
     t.add_argument("--conditional", action="store_true", help="class-conditional (with label dropout for guidance)")
+    t.add_argument("--hflip", action="store_true",
+                   help="mirror a random half of each batch left-right, as DDPM's CIFAR-10 recipe does (photos; not "
+                        "for digits or text, and not for latent runs)")
     t.add_argument("--latent", default=None, metavar="VAE_RUN",
                    help="latent diffusion: denoise the latents of this VAE (from noisecraft train-vae)")
     t.add_argument("--text-encoder", default=None, metavar="SPEC",
@@ -225,7 +233,8 @@ def add_parsers(sub) -> None:
     t.add_argument("--prediction", default=None, help="eps | x0 | v | edm")
     t.add_argument("--preconditioning", default=None, choices=["vp", "edm"],
                    help="edm: Karras et al. 2022's preconditioning, log-normal noise levels and loss weight, sampled "
-                        "with Heun on its σ's (default vp: DDPM's x_t and timestep)")
+                        "with Heun on its σ's (default vp: DDPM's x_t and timestep; it scored better than edm on MNIST "
+                        "after 20 CPU-minutes and on CIFAR-10 after 10)")
     t.add_argument("--min-snr-gamma", type=float, default=None, help="Min-SNR loss weighting (0 turns it off)")
     t.add_argument("--learn-sigma", action="store_true",
                    help="learn the reverse variance too (improved DDPM); trains with --loss hybrid unless told")

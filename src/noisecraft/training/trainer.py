@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from ..config import RunConfig, load_run_config
+from ..data.augment import random_hflip
 from ..data.datasets import ImageDataset
 from ..data.sources import MemorySource, ShardDataset, build_source
 from ..errors import NoisecraftError
@@ -110,6 +111,9 @@ class Trainer:
     # --- data -----------------------------------------------------------------------------
 
     def _check_dataset(self) -> None:
+        if self.config.data.hflip and self.config.latent is not None:
+            raise NoisecraftError("--hflip mirrors pixels, and a latent run trains on VAE latents, which a mirror does "
+                                  "not map to the mirrored image's latents; drop --hflip for latent runs.")
         expected = tuple(self.config.data.image_shape)
         if tuple(self.dataset.image_shape) != expected:
             raise NoisecraftError(f"dataset images have shape {tuple(self.dataset.image_shape)} but the run expects "
@@ -168,6 +172,8 @@ class Trainer:
         # slice: the step is then the same whatever the number of processes or micro-batches.
         drawn = self.source.batch(self.step, g, cfg.train.label_dropout, shard=mine)
         x0, cond = drawn.x0, drawn.cond
+        if cfg.data.hflip:   # drawn only when on: runs without it keep their random numbers
+            x0 = random_hflip(x0, g, n, mine)
         if d.edm:   # EDM: log-normal σ's instead of timesteps, every example weighted 1 (losses.edm_loss)
             t_all, weights = edm_sigmas(n, g, d.p_mean, d.p_std), torch.ones(n)
         else:

@@ -1,0 +1,53 @@
+"""benchmarks/mnist_budget.py's report: which row is a recipe's default, and the issue's goals taken over BOTH of our
+recipes (whichever wins), on small synthetic result files."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "mnist_budget.py"
+
+
+@pytest.fixture(scope="module")
+def budget():
+    spec = importlib.util.spec_from_file_location("mnist_budget", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def row(sampler, steps, nfe, score, spacing="karras", **extra):
+    return dict(sampler=sampler, steps=steps, nfe=nfe, score=score, spacing=spacing, **extra)
+
+
+def write(out: Path, recipe: str, samples, suffix=""):
+    result = dict(parameters=1000, steps=50, train_images_per_s=10.0, cpu_minutes=20.0, n=100, samples=samples)
+    (out / f"mnist-{recipe}{suffix}.json").write_text(json.dumps(result))
+
+
+def test_default_row_is_the_marked_one_or_our_runs_defaults(budget):
+    vp = [row("ddpm", 10, 10, 3.0, spacing="leading"), row("ddim", 50, 50, 2.0, spacing="leading")]
+    assert budget.default_row("noisecraft", vp)["sampler"] == "ddpm"   # pipelines/defaults.py: DDPM-10, leading
+    edm = [row("heun", 5, 9, 6.0), row("heun", 10, 19, 4.0)]
+    assert budget.default_row("noisecraft-edm", edm)["steps"] == 10     # Heun-10 on Karras σ's
+    peer = [row("own sampler, 20 NFE", 20, 20, 9.0, spacing=None), row("own default", 50, 50, 8.0, default=True)]
+    assert budget.default_row("diffusers", peer)["score"] == 8.0
+    assert budget.default_row("lucidrains", peer[:1]) is None          # its default was not drawn
+
+
+def test_goals_are_taken_over_both_recipes(budget, tmp_path, capsys):
+    write(tmp_path, "noisecraft", [row("ddpm", 10, 10, 3.6, spacing="leading"), row("ddim", 50, 50, 3.2, spacing="leading"),
+                                   row("dpmpp_2m", 20, 20, 2.4)])
+    write(tmp_path, "noisecraft-edm", [row("heun", 10, 19, 4.3), row("dpmpp_2m", 20, 20, 1.5)])
+    write(tmp_path, "noisecraft", [row("dpmpp_2m", 20, 20, 2.2), row("ddpm", 1000, 1000, 2.0, spacing="leading")],
+          suffix="-ref")
+    budget.report(tmp_path, "mnist")
+    text = capsys.readouterr().out
+    # goal 1: the EDM run's DPM++ 2M (1.5) is the best at ≤ 20 NFE, against the VP run's DDIM-50 (3.2)
+    assert "goal 1: our best at ≤ 20 NFE, noisecraft-edm dpmpp_2m 20 (20 NFE): 1.50" in text
+    assert "ratio 0.47" in text
+    assert "goal 2 at 1000 NFE, noisecraft (n = 100): dpmpp_2m 20 (20 NFE) 2.20 vs ddpm 1000 2.00: +10%" in text
+    assert "| noisecraft | 1,000 | 50 | 10.0 | ddpm 10 (10 NFE) | 3.60 |" in text
+    assert (tmp_path / "mnist_sampler_nfe.png").stat().st_size > 0
