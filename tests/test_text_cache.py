@@ -268,7 +268,9 @@ def test_the_bad_sample_limit_is_the_total_over_processes(small, tmp_path):
     args = ["--data", str(bad), "--steps", "30", "--max-bad", "3", *TRAIN]
     one = train(args + ["--out", str(tmp_path / "one")], ok=False)
     two = train(args + ["--out", str(tmp_path / "two")], nproc=2, ok=False)
-    sentences = [line for line in two.stderr.splitlines() if "noisecraft: error:" in line]
+    # the processes share stderr: a line may start with the other's progress bar, so keep what follows the prefix
+    sentences = [line[line.index("noisecraft: error:"):] for line in two.stderr.splitlines()
+                 if "noisecraft: error:" in line]
     assert len(sentences) == 2 and sentences[0] == sentences[1], two.stderr[-3000:]
     assert "Stopped after 4 unusable samples of" in sentences[0] and "over 2 processes" in sentences[0]
     assert "more than the limit of 3" in sentences[0]

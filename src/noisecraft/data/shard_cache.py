@@ -16,9 +16,13 @@ from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 
+import logging
+
 from ..errors import NoisecraftError
-from ..io.checkpoint import save_weights
+from ..io.checkpoint import load_json, save_weights
 from .shards import Manifest
+
+logger = logging.getLogger(__name__)
 
 
 def cache_file(shard_file: str, kind: str) -> str:
@@ -69,3 +73,27 @@ def write_per_shard(manifest: Manifest, out: Path, kind: str, fmt: str, key_text
                                   "run `noisecraft encode` again.")
         files.append((s, path))
     return files
+
+
+def read_cache_manifest(folder: Path, manifest_name: str, fmt: str, version: int, needed: tuple[str, ...], *,
+                        what: str, fix: str) -> dict:
+    """The checked manifest of a per-shard cache in `folder`: one sentence (what is wrong, `fix`) when it is missing,
+    of another format or version, or lacks a field; a warning for each listed file that is missing or has another
+    size (its samples are skipped, counted by --max-bad)."""
+    path = folder / manifest_name
+    if not path.is_file():
+        why = "does not exist" if not folder.exists() else f"has no {manifest_name} (its encoding did not finish)"
+        raise NoisecraftError(f"{what} {folder} {why}; {fix}.")
+    raw = load_json(path)
+    if not isinstance(raw, dict) or raw.get("format") != fmt or raw.get("version") != version:
+        raise NoisecraftError(f"{path} is not a version-{version} noisecraft {what.lower()} manifest; {fix}.")
+    if any(k not in raw for k in needed + ("files",)) or not isinstance(raw["files"], list) or not raw["files"]:
+        raise NoisecraftError(f"{path} lacks some of {', '.join(needed + ('files',))}; {fix}.")
+    if not all(isinstance(e, dict) and isinstance(e.get("file"), str) and isinstance(e.get("count"), int)
+               and isinstance(e.get("bytes"), int) for e in raw["files"]):
+        raise NoisecraftError(f"{path} has a malformed entry in \"files\" (needs file, count, bytes); {fix}.")
+    for e in raw["files"]:
+        file = folder / e["file"]
+        if not file.is_file() or file.stat().st_size != e["bytes"]:
+            logger.warning("%s is missing or differs from %s; its samples will be skipped", file, manifest_name)
+    return raw

@@ -50,9 +50,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..errors import NoisecraftError, brief
-from ..io.checkpoint import load_json, save_json
+from ..io.checkpoint import save_json
 from .captions import class_captions
-from .shard_cache import cache_file, write_per_shard
+from .shard_cache import cache_file, read_cache_manifest, write_per_shard
 from .shards import Manifest, manifest_fingerprint, source_name
 from .stream import ShardStream, open_shards
 
@@ -250,22 +250,7 @@ class TextCache:
 def open_text_cache(folder: str | Path, keep: int = 18) -> TextCache:
     """The text cache in `folder`, after checking its manifest (its files are checked by size)."""
     folder = Path(folder).expanduser()
-    path = folder / MANIFEST
+    needed = ("shards_fingerprint", "encoder", "max_length", "dim", "dtype", "texts")
     fix = f"write it with `noisecraft encode --text-encoder SPEC --data SHARDS --out {folder}`"
-    if not path.is_file():
-        why = "does not exist" if not folder.exists() else f"has no {MANIFEST} (its encoding did not finish)"
-        raise NoisecraftError(f"Text cache {folder} {why}; {fix}.")
-    raw = load_json(path)
-    if not isinstance(raw, dict) or raw.get("format") != FORMAT or raw.get("version") != VERSION:
-        raise NoisecraftError(f"{path} is not a version-{VERSION} noisecraft text cache manifest; {fix}.")
-    needed = ("shards_fingerprint", "encoder", "max_length", "dim", "dtype", "texts", "files")
-    if any(k not in raw for k in needed) or not isinstance(raw["files"], list) or not raw["files"]:
-        raise NoisecraftError(f"{path} lacks some of {', '.join(needed)}; {fix}.")
-    if not all(isinstance(e, dict) and isinstance(e.get("file"), str) and isinstance(e.get("count"), int)
-               and isinstance(e.get("bytes"), int) for e in raw["files"]):
-        raise NoisecraftError(f"{path} has a malformed entry in \"files\" (needs file, count, bytes); {fix}.")
-    for e in raw["files"]:
-        file = folder / e["file"]
-        if not file.is_file() or file.stat().st_size != e["bytes"]:
-            logger.warning("%s is missing or differs from %s; its samples will be skipped", file, MANIFEST)
+    raw = read_cache_manifest(folder, MANIFEST, FORMAT, VERSION, needed, what="Text cache", fix=fix)
     return TextCache(folder, raw, keep)
