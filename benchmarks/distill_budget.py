@@ -29,6 +29,30 @@ from noisecraft.training.distill import Distiller
 from noisecraft.viz.images import save_grid
 
 
+def plot(rows: list, path: Path) -> None:
+    """Score against network evaluations: each student, its teacher's Euler at the same steps, the Heun teacher."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for name, marker in (("student", "o"), ("teacher", "s")):
+        pts = sorted((r["nfe"], r["score"]) for r in rows if r["model"] == name and r["sampler"] == "euler")
+        ax.plot(*zip(*pts), marker=marker, label=f"{name} (Euler, nested σ's)")
+    heun = [r for r in rows if r["sampler"] == "heun"][0]
+    ax.axhline(heun["score"], color="grey", ls="--", label=f"teacher, Heun {heun['steps']} steps ({heun['nfe']} NFE)")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    steps = sorted({r["nfe"] for r in rows if r["sampler"] == "euler"})
+    ax.set_xticks(steps, [str(n) for n in steps])   # 1, 2, 4 rather than 2^0, 2^1, 2^2
+    ax.minorticks_off()
+    ax.set_xlabel("network evaluations (= Euler steps)")
+    ax.set_ylabel("domain score (lower is better)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run")
@@ -42,8 +66,12 @@ def main(argv=None):
     p.add_argument("--data-dir", default=None)
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--out", default="benchmarks/out/distill")
+    p.add_argument("--replot", action="store_true", help="only redraw distill_steps.png from --out's results.json")
     args = p.parse_args(argv)
     out = Path(args.out)
+    if args.replot:
+        plot(json.loads((out / "results.json").read_text())["rows"], out / "distill_steps.png")
+        return
     shutil.rmtree(out / "students", ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     config = load_run_config(args.run)
@@ -81,22 +109,7 @@ def main(argv=None):
               "teacher_steps": args.teacher_steps, "rows": rows, "log": log}
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
 
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for name, marker in (("student", "o"), ("teacher", "s")):
-        pts = sorted((r["nfe"], r["score"]) for r in rows if r["model"] == name and r["sampler"] == "euler")
-        ax.plot(*zip(*pts), marker=marker, label=f"{name} (Euler, nested σ's)")
-    heun = [r for r in rows if r["sampler"] == "heun"][0]
-    ax.axhline(heun["score"], color="grey", ls="--", label=f"teacher, Heun {heun['steps']} steps ({heun['nfe']} NFE)")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("network evaluations")
-    ax.set_ylabel("domain score (lower is better)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "distill_steps.png", dpi=120)
+    plot(rows, out / "distill_steps.png")
     print(f"distillation used {cpu_seconds / 60:.1f} CPU-minutes; results in {out}")
 
 

@@ -118,6 +118,10 @@ def nfe_table(out: Path, dataset: str, runs: dict) -> None:
                 ax.plot(*zip(*pts), marker="o", label=sampler)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        drawn = [s["nfe"] for s in r["samples"]]
+        ticks = [n for n in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000) if min(drawn) <= n <= max(drawn)]
+        ax.set_xticks(ticks, [str(n) for n in ticks])   # plain numbers, not 2×10^1
+        ax.minorticks_off()
         ax.set_title(name)
         ax.set_xlabel("network evaluations")
     axes[0].set_ylabel("domain score (lower is better)")
