@@ -9,7 +9,8 @@ safetensors for the peers). score: load them, sample with each sampler setting a
 score; sampling is not part of the budget, so it may run on a GPU (1000 samples at 1000 evaluations). Writes
 OUT/<dataset>-<recipe>.json and grid PNGs.
 
-Recipes: noisecraft (today's defaults), noisecraft-edm (--preconditioning edm), diffusers (its MNIST tutorial),
+Recipes: noisecraft (the defaults), noisecraft-v (the defaults with --prediction v), noisecraft-edm
+(--preconditioning edm), diffusers (its MNIST tutorial),
 lucidrains (denoising-diffusion-pytorch's README recipe), smalldiffusion (its Fashion-MNIST DiT example), and for
 colour images diffusers_example (its unconditional-training example scaled to 32×32).
 """
@@ -57,8 +58,21 @@ KEY_SETTINGS = [("ddim", 50, None), ("heun", 5, "karras"), ("heun", 10, "karras"
 # candidates at ≤ 20 NFE against DDPM-1000 (the most accurate sampler at 1000 NFE), all at the same n (the score's
 # small-sample bias depends on n, so only rows of one file are compared)
 REF_SETTINGS = [("heun", 10, "karras"), ("dpmpp_2m", 20, "karras"), ("ddpm", 1000, None)]
+OUR_RECIPES = ("noisecraft", "noisecraft-v", "noisecraft-edm")
 PEER_STEPS = {"diffusers": (50, 20), "lucidrains": (250, 20), "smalldiffusion": (20, 20),
               "diffusers_example": (1000, 20)}
+
+
+def parse_settings(text: str) -> list:
+    """A named list of settings, or one written out: "ddim:20,ddpm:50,dpmpp_2m:20:karras" (sampler:steps[:spacing])."""
+    named = {"all": OUR_SETTINGS, "cpu": CPU_SETTINGS, "key": KEY_SETTINGS, "ref": REF_SETTINGS,
+             "few": [("ddim", 50, None), ("heun", 10, "karras"), ("dpmpp_2m", 20, "karras")]}
+    if text in named:
+        return named[text]
+    try:
+        return [(p[0], int(p[1]), p[2] if len(p) > 2 else None) for p in (item.split(":") for item in text.split(","))]
+    except (IndexError, ValueError):
+        raise SystemExit(f"--settings {text!r}: give one of {', '.join(named)} or sampler:steps[:spacing],...") from None
 
 
 def nfe(sampler: str, steps: int) -> int:
@@ -68,7 +82,7 @@ def nfe(sampler: str, steps: int) -> int:
 def peer_module(recipe: str):
     import importlib
     if recipe not in PEER_STEPS:
-        raise SystemExit(f"unknown recipe {recipe!r}; choose noisecraft, noisecraft-edm or one of {sorted(PEER_STEPS)}")
+        raise SystemExit(f"unknown recipe {recipe!r}; choose one of {', '.join(OUR_RECIPES + tuple(sorted(PEER_STEPS)))}")
     module = importlib.import_module(f"{recipe}_recipe")
     module.CLOCK = time.process_time      # the budget is CPU time
     return module
@@ -79,8 +93,9 @@ def peer_module(recipe: str):
 
 def train_ours(dataset, recipe: str, cpu_minutes: float, folder: Path, seed: int) -> dict:
     shutil.rmtree(folder, ignore_errors=True)
-    # "noisecraft" is the VP recipe (cosine, ε, Min-SNR 5; the MNIST default until EDM measured better)
-    diffusion = {"prediction": "edm" if recipe == "noisecraft-edm" else "eps"}
+    # "noisecraft" is the default VP recipe (cosine, ε, Min-SNR 5); "noisecraft-v" the same with v-prediction, which,
+    # unlike ε, can be distilled to a few steps; "noisecraft-edm" is --preconditioning edm
+    diffusion = {"prediction": {"noisecraft-edm": "edm", "noisecraft-v": "v"}.get(recipe, "eps")}
     config = make_run_config(dataset, diffusion=diffusion,
                              train={"steps": 10**9, "seed": seed, "sample_every": 0, "checkpoint_every": 0})
     trainer = Trainer(config, dataset, folder, progress=False)
@@ -166,7 +181,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--settings", default="all",
                    help="score, our runs: all | cpu (≤ 50 NFE) | key | few (ddim-50, heun-10, dpmpp_2m-20) | ref "
-                        "(heun-10, dpmpp_2m-20 and ddpm-1000; written to <dataset>-<recipe>-ref.json)")
+                        "(heun-10, dpmpp_2m-20 and ddpm-1000; written to <dataset>-<recipe>-ref.json) | a list "
+                        "sampler:steps[:spacing],... (written to <dataset>-<recipe>-extra.json)")
     p.add_argument("--max-nfe", type=int, default=10**9, help="score: skip settings that cost more evaluations")
     p.add_argument("--peer-batch-size", type=int, default=None,
                    help="train: a peer's batch instead of its recipe's (smalldiffusion's 1024 needs ~15 GB)")
@@ -177,7 +193,7 @@ def main(argv=None):
     out = Path(args.out)
     tag = f"{args.dataset}-{args.recipe}"
     folder = out / "models" / tag
-    ours = args.recipe.startswith("noisecraft")
+    ours = args.recipe in OUR_RECIPES
 
     if args.phase == "train":
         torch.set_num_threads(1)
@@ -198,8 +214,7 @@ def main(argv=None):
     result = json.loads((folder / "train.json").read_text())
     result.update(n=args.n, sample_device=args.device, samples=[])
     if ours:
-        settings = {"all": OUR_SETTINGS, "cpu": CPU_SETTINGS, "key": KEY_SETTINGS, "ref": REF_SETTINGS,
-                    "few": [("ddim", 50, None), ("heun", 10, "karras"), ("dpmpp_2m", 20, "karras")]}[args.settings]
+        settings = parse_settings(args.settings)
         settings = [s for s in settings if nfe(s[0], s[1]) <= args.max_nfe]
         draws = draws_ours(folder, args.device, args.n, settings, args.seed)
     else:
@@ -215,7 +230,8 @@ def main(argv=None):
     except Exception:   # keep what was measured; the report names the failure
         result["error"] = traceback.format_exc(limit=3)
         print(result["error"], file=sys.stderr)
-    name = f"{tag}-ref.json" if args.settings == "ref" else f"{tag}.json"
+    suffix = {"ref": "-ref"}.get(args.settings, "-extra" if ":" in args.settings else "")
+    name = f"{tag}{suffix}.json"
     (out / name).write_text(json.dumps(result, indent=2) + "\n")
 
 

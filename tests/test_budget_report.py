@@ -51,3 +51,13 @@ def test_goals_are_taken_over_both_recipes(budget, tmp_path, capsys):
     assert "goal 2 at 1000 NFE, noisecraft (n = 100): dpmpp_2m 20 (20 NFE) 2.20 vs ddpm 1000 2.00: +10%" in text
     assert "| noisecraft | 1,000 | 50 | 10.0 | ddpm 10 (10 NFE) | 3.60 |" in text
     assert (tmp_path / "mnist_sampler_nfe.png").stat().st_size > 0
+
+
+def test_budget_run_settings_by_name_or_written_out():
+    spec = importlib.util.spec_from_file_location("budget_run", SCRIPT.parent / "budget_run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.parse_settings("ref") == module.REF_SETTINGS
+    assert module.parse_settings("ddim:20,dpmpp_2m:20:karras") == [("ddim", 20, None), ("dpmpp_2m", 20, "karras")]
+    with pytest.raises(SystemExit, match="sampler:steps"):
+        module.parse_settings("ddim")
