@@ -142,16 +142,16 @@ def load_peer(recipe: str, folder: Path, image_shape, device: str):
 
 def draws_ours(folder: Path, device: str, n: int, settings, seed: int):
     pipe = DiffusionPipeline.from_run(folder, device=device)
-    d = pipe.defaults
+    d, default_drawn = pipe.defaults, False
     for sampler, steps, spacing in settings:
         t0 = time.perf_counter()
         images = pipe.sample(n, sampler=sampler, steps=steps, spacing=spacing, seed=seed, batch_size=500).images
         row = {"sampler": sampler, "steps": steps, "spacing": spacing or d.spacing, "nfe": nfe(sampler, steps),
                "sample_s": time.perf_counter() - t0}
         if (sampler, steps, spacing or d.spacing) == (d.sampler, d.steps, d.spacing):
-            row["default"] = True   # the run's default sampler is among the settings: marked, not drawn twice
+            row["default"] = default_drawn = True   # the run's default is among the settings: marked, not drawn twice
         yield row, images.cpu()
-    if (d.sampler, d.steps, d.spacing) in {(a, b, c or d.spacing) for a, b, c in settings}:
+    if default_drawn:
         return
     yield {"sampler": f"default ({d.sampler})", "steps": d.steps, "spacing": d.spacing, "nfe": nfe(d.sampler, d.steps),
            "default": True}, pipe.sample(n, seed=seed, batch_size=500).images.cpu()

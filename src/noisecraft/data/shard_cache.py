@@ -12,11 +12,10 @@ Both caches (VAE latents, latent_shards.py; caption embeddings, text_shards.py) 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
-
-import logging
 
 from ..errors import NoisecraftError
 from ..io.checkpoint import load_json, save_weights
