@@ -18,7 +18,7 @@ from .errors import NoisecraftError, short_repr as _short
 from .io.checkpoint import load_json
 from .losses import EDM_P_MEAN, EDM_P_STD, LOSSES
 from .models.unet import UNetConfig
-from .schedule import BETA_SCHEDULES, MAX_T, NoiseSchedule
+from .schedule import BETA_SCHEDULES, EDM_SIGMA_MAX, MAX_T, NoiseSchedule
 from .settings import check_fields, settings_from_dict, settings_to_dict
 
 CONFIG_VERSION = 1
@@ -44,6 +44,7 @@ class DiffusionConfig:
     sigma_data: float = EDM_SIGMA_DATA   # prediction "edm": σ_d, the data's standard deviation
     p_mean: float = EDM_P_MEAN        # prediction "edm": training σ's are log-normal, ln σ ~ N(p_mean, p_std²)
     p_std: float = EDM_P_STD
+    sampling_sigma_max: float | None = EDM_SIGMA_MAX   # Karras and nested σ grids start at min(σ(T), this); None: σ(T)
 
     RULES = (   # field, type, allowed values, None allowed (settings.check_fields)
         ("schedule", "str", BETA_SCHEDULES, False),
@@ -60,6 +61,7 @@ class DiffusionConfig:
         ("sigma_data", "float", "[1e-6, 1e6]", False),
         ("p_mean", "float", "[-20, 20]", False),
         ("p_std", "float", "[0, 20]", False),
+        ("sampling_sigma_max", "float", "[1e-3, 1e9]", True),
     )
 
     def __post_init__(self):

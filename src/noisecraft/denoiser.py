@@ -215,10 +215,12 @@ class Denoiser(nn.Module):
     few steps). Off by default so that every sampler sees the raw model, as the parity tests need.
     learned_variance: the net outputs 2C channels, the last C being improved DDPM's variance v; None (default)
     reads it from the net's config (out_channels == 2·in_channels). `last_variance` holds v of the latest call.
+    sigma_max_cap: the highest σ that Karras and nested σ grids start from (`sigma_max`); None: the schedule's σ(T).
     """
 
     def __init__(self, net: nn.Module, schedule: NoiseSchedule, prediction: str = "eps", clip_x0: bool = False,
-                 learned_variance: bool | None = None, sigma_data: float = EDM_SIGMA_DATA):
+                 learned_variance: bool | None = None, sigma_data: float = EDM_SIGMA_DATA,
+                 sigma_max_cap: float | None = None):
         super().__init__()
         self.net = net
         self.schedule = schedule
@@ -227,6 +229,7 @@ class Denoiser(nn.Module):
         self.clip_x0 = clip_x0
         self.learned_variance = has_learned_variance(net) if learned_variance is None else bool(learned_variance)
         self.last_variance: torch.Tensor | None = None
+        self.sigma_max_cap = sigma_max_cap
 
     @property
     def sigma_min(self) -> float:
@@ -234,7 +237,9 @@ class Denoiser(nn.Module):
 
     @property
     def sigma_max(self) -> float:
-        return self.schedule.sigma_max
+        """Where σ grids start: σ(T), or the cap where that is lower."""
+        top = self.schedule.sigma_max
+        return top if self.sigma_max_cap is None else min(top, float(self.sigma_max_cap))
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, cond: torch.Tensor | None = None) -> torch.Tensor:
         sigma = batch_sigma(sigma, x)

@@ -115,12 +115,16 @@ def _float_option(name: str, value, low: float = 0.0) -> float:
 
 
 def _sigma_range(denoiser, sigma_min, sigma_max) -> tuple[float, float]:
-    """(σ_min, σ_max): the given values, else the denoiser's (its schedule's smallest and largest σ)."""
+    """(σ_min, σ_max): the given values, else the schedule's smallest and largest σ (the whole process, whose end
+    is the prior; not the lower top that sampling grids may start from), else the denoiser's."""
     if sigma_min is None or sigma_max is None:
         if not (hasattr(denoiser, "sigma_min") and hasattr(denoiser, "sigma_max")):
             raise NoisecraftError("this denoiser has no sigma_min/sigma_max; pass sigma_min and sigma_max.")
+    if sigma_max is None:
+        schedule = getattr(denoiser, "schedule", None)
+        sigma_max = float(schedule.sigma_max) if hasattr(schedule, "sigma_max") else float(denoiser.sigma_max)
     lo = _float_option("sigma_min", float(denoiser.sigma_min) if sigma_min is None else sigma_min)
-    hi = _float_option("sigma_max", float(denoiser.sigma_max) if sigma_max is None else sigma_max)
+    hi = _float_option("sigma_max", sigma_max)
     if not lo < hi:
         raise NoisecraftError(f"the ODE needs sigma_min < sigma_max, got {lo} and {hi}.")
     return lo, hi

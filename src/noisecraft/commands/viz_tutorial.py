@@ -111,18 +111,19 @@ def viz_forward_input(args) -> int:
     return 0
 
 
-def sampler_sigmas(sampler, steps, schedule, defaults, spacing=None):
+def sampler_sigmas(sampler, steps, schedule, defaults, spacing=None, sigma_max=None):
     """(settings, σ sequence) a sampler visits: the schedule's σ_t at `steps` timesteps of the spacing, or Karras
-    spacing for a "... Karras" name; exactly what `samplers.generate` hands the sampler."""
+    spacing (from sigma_max, default σ(T)) for a "... Karras" name; exactly what `samplers.generate` hands the
+    sampler."""
     from ..samplers import karras_sigmas, resolve_sampler
     from ..samplers.steps import discrete_sigmas
 
     settings = defaults.resolve(sampler, steps, spacing=spacing)
     _, karras = resolve_sampler(settings["sampler"])
     if karras:
-        sigmas = karras_sigmas(schedule.sigma_min, schedule.sigma_max, settings["steps"])
+        sigmas = karras_sigmas(schedule.sigma_min, sigma_max or schedule.sigma_max, settings["steps"])
     else:
-        sigmas = discrete_sigmas(schedule, settings["steps"], settings["spacing"])
+        sigmas = discrete_sigmas(schedule, settings["steps"], settings["spacing"], sigma_max)
     return settings, sigmas
 
 
@@ -137,10 +138,11 @@ def viz_sigmas(args) -> int:
 
         pipe = load_pipeline(args.model, device=args.device)
         schedule, defaults, what = pipe.schedule, pipe.defaults, str(args.model)
+        sigma_max = pipe.denoiser.sigma_max
     else:
         schedule = NoiseSchedule.create(args.schedule or "scaled_linear", args.T)
-        defaults, what = STABLE_DIFFUSION, f"{schedule.kind} schedule, T={schedule.T}"
-    settings, sigmas = sampler_sigmas(args.sampler, args.steps, schedule, defaults, args.spacing)
+        defaults, what, sigma_max = STABLE_DIFFUSION, f"{schedule.kind} schedule, T={schedule.T}", None
+    settings, sigmas = sampler_sigmas(args.sampler, args.steps, schedule, defaults, args.spacing, sigma_max)
     label = f"{settings['sampler']}, {settings['steps']} steps, {settings['spacing']} spacing"
     path = plot_sigmas({label: sigmas}, args.out or "sigmas.png", title=what)
     print(f"{label} ({what}): {len(sigmas)} values, σ from {float(sigmas[0]):.4g} to {float(sigmas[-2]):.4g}, then 0")

@@ -50,7 +50,7 @@ class DiffusionPipeline:
         self.schedule = d.make_schedule()
         # x̂0 clipping to [-1, 1] is a pixel-range constraint; latents have no such range.
         self.denoiser = Denoiser(self.model, self.schedule, d.prediction, clip_x0=d.clip_x0 and vae is None,
-                                 sigma_data=d.sigma_data)
+                                 sigma_data=d.sigma_data, sigma_max_cap=d.sampling_sigma_max)
         if (vae is None) != (config.latent is None):
             raise NoisecraftError("a latent run needs its VAE and a pixel run takes none; load it with from_run.")
         if (text_encoder is None) != (config.text is None):
@@ -476,7 +476,8 @@ class DiffusionPipeline:
         small_mask = torch.nn.functional.interpolate(pixel_mask, size=masked_latents.shape[-2:])   # nearest
         net = ConditionedUNet(self.model, torch.cat([small_mask, masked_latents], dim=1))
         base = Denoiser(net, self.schedule, self.config.diffusion.prediction, clip_x0=False,
-                        sigma_data=self.config.diffusion.sigma_data)
+                        sigma_data=self.config.diffusion.sigma_data,
+                        sigma_max_cap=self.config.diffusion.sampling_sigma_max)
         run_kw, options = self._split(kwargs)
         shape = tuple(masked_latents.shape[1:])
         start_latents = self.encode(images) if strength < 1 else None

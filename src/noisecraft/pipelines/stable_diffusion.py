@@ -65,7 +65,8 @@ def diffusion_config_from_scheduler(config: dict, source="scheduler_config.json"
     betas = {} if schedule == "squaredcos_cap_v2" else {"beta_start": float(config.get("beta_start", 0.0001)),
                                                          "beta_end": float(config.get("beta_end", 0.02))}
     return DiffusionConfig(schedule=_SCHEDULES[schedule], T=int(config.get("num_train_timesteps", 1000)),
-                           prediction=_PREDICTIONS[prediction], min_snr_gamma=None, clip_x0=False, **betas)
+                           prediction=_PREDICTIONS[prediction], min_snr_gamma=None, clip_x0=False,
+                           sampling_sigma_max=None, **betas)    # Karras grids from σ(T), as diffusers draws them
 
 
 def scheduler_config_from_diffusion(d: DiffusionConfig, clip_sample: bool = False) -> dict:

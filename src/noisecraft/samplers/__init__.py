@@ -103,7 +103,7 @@ def generate(denoiser, shape: tuple[int, ...], *, sampler: str, steps: int, spac
     if karras or alias_karras:
         sigmas = karras_sigmas(denoiser.sigma_min, denoiser.sigma_max, steps)
     else:
-        sigmas = discrete_sigmas(denoiser.schedule, steps, spacing)
+        sigmas = discrete_sigmas(denoiser.schedule, steps, spacing, getattr(denoiser, "sigma_max", None))
     seeded = SeededNoise(range(seed, seed + shape[0]), device=device)
     if noise is None:
         x = prior_noise(shape, float(sigmas[0]), seeded, device)

@@ -24,7 +24,7 @@ def sampling_plan(denoiser, sampler: str, steps: int, spacing: str = "leading", 
     check_options(name, fn, options or {})
     if karras or alias_karras:
         return fn, karras_sigmas(denoiser.sigma_min, denoiser.sigma_max, steps)
-    return fn, discrete_sigmas(denoiser.schedule, steps, spacing)
+    return fn, discrete_sigmas(denoiser.schedule, steps, spacing, getattr(denoiser, "sigma_max", None))
 
 
 def strength_sigmas(sigmas: torch.Tensor, strength: float) -> torch.Tensor:

@@ -11,6 +11,10 @@ Sample Steps are Flawed", table 2):
     karras    σ's of EDM eq. 5 between the schedule's σ_min and σ_max (the default of EDM-preconditioned runs)
     nested    the same ρ-spacing with steps that halve into each other (`nested_sigmas`: distilled students)
 
+The two σ spacings start at the model's `sigma_max`. For our own runs that is min(σ(T), 80) (EDM's top σ,
+`diffusion.sampling_sigma_max`): a cosine schedule's clipped last step has σ(T) ≈ 20,000, and a ρ = 7 grid from there
+spends half of its steps above σ = 300, where an image in [-1, 1] is already pure noise.
+
 Or, for any model, the σ spacing of Karras et al. 2022 (EDM, eq. 5), `karras_sigmas`: uniform in σ^(1/ρ),
 which spends more steps at low noise. A discrete-time model then sees fractional timesteps, which the
 Denoiser maps from σ by interpolating log σ (`NoiseSchedule.sigma_to_t`).
@@ -51,13 +55,16 @@ def sigmas_from_timesteps(schedule: NoiseSchedule, timesteps: torch.Tensor) -> t
     return torch.cat([schedule.sigmas[timesteps.long()], torch.zeros(1, dtype=torch.float64)])
 
 
-def discrete_sigmas(schedule: NoiseSchedule, steps: int, spacing: str = "leading") -> torch.Tensor:
+def discrete_sigmas(schedule: NoiseSchedule, steps: int, spacing: str = "leading",
+                    sigma_max: float | None = None) -> torch.Tensor:
     """The σ's of `steps` steps: the schedule's own at the spacing's timesteps, or for spacing "karras" EDM's
-    eq. 5 between the schedule's σ_min and σ_max (fractional timesteps)."""
+    eq. 5 between the schedule's σ_min and sigma_max (default the schedule's σ(T); fractional timesteps), or
+    "nested" the same for distilled students."""
+    top = schedule.sigma_max if sigma_max is None else sigma_max
     if spacing == "karras":
-        return karras_sigmas(schedule.sigma_min, schedule.sigma_max, steps)
+        return karras_sigmas(schedule.sigma_min, top, steps)
     if spacing == "nested":
-        return nested_sigmas(schedule.sigma_min, schedule.sigma_max, steps)
+        return nested_sigmas(schedule.sigma_min, top, steps)
     return sigmas_from_timesteps(schedule, select_timesteps(schedule, steps, spacing))
 
 

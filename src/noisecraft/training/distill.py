@@ -118,7 +118,7 @@ class Distiller:
     def _denoiser(self, net: UNet, clip: bool) -> Denoiser:
         d = self.config.diffusion
         return Denoiser(net, self.schedule, d.prediction, clip_x0=clip and d.clip_x0 and self.config.latent is None,
-                        sigma_data=d.sigma_data)
+                        sigma_data=d.sigma_data, sigma_max_cap=d.sampling_sigma_max)
 
     def _load_teacher(self) -> UNet:
         model = UNet(self.config.model)
@@ -160,12 +160,13 @@ class Distiller:
         stages = int(math.log2(self.teacher_steps // self.steps))
         for stage in range(stages):
             heun = stage == 0
-            grid = nested_sigmas(self.schedule.sigma_min, self.schedule.sigma_max, steps).to(self.device)
-            steps //= 2
             student_net = copy.deepcopy(teacher_net).train().requires_grad_(True)
             ema = EMA(student_net, self.ema_decay)
             optimizer = torch.optim.Adam(student_net.parameters(), lr=self.lr)
             teacher, student = self._denoiser(teacher_net, clip=True), self._denoiser(student_net, clip=False)
+            # the σ's the student will be sampled on: `noisecraft sample` builds the same nested grid
+            grid = nested_sigmas(teacher.sigma_min, teacher.sigma_max, steps).to(self.device)
+            steps //= 2
             started, done = self.clock(), 0
             while self._budget_left(done, started, stages - stage, spent):
                 loss = self.stage_loss(student, teacher, grid, heun)
