@@ -1,7 +1,8 @@
 """One source of sampling defaults: for Stable Diffusion and for each kind of our runs, every job (sample, txt2img,
 img2img, inpaint, interpolate), from Python and from the command line, called with only its required arguments
 gives bit for bit the picture of the same call with the model's defaults spelled out — and those defaults are
-the documented ones (SD: LMS, 50 steps, guidance 7.5, linspace; our runs: DDPM-10; our text runs: DDPM-30 at 4)."""
+the documented ones (SD: LMS, 50 steps, guidance 7.5, linspace; our pixel runs: DPM++ 2M SDE-20 on Karras σ's; our
+latent runs: DDPM-10; our text runs: DDPM-30 at 4)."""
 
 from __future__ import annotations
 
@@ -20,12 +21,14 @@ from noisecraft.viz.images import to_uint8
 
 # The defaults written out by hand, as the README states them: a change of a default must change this table.
 SPELLED = {
-    "ours": dict(sampler="ddpm", steps=10, guidance=1.0, spacing="leading"),
+    "ours": dict(sampler="dpmpp_2m_sde", steps=20, guidance=1.0, spacing="karras"),
+    "latent": dict(sampler="ddpm", steps=10, guidance=1.0, spacing="leading"),
     "text": dict(sampler="ddpm", steps=30, guidance=4.0, spacing="leading"),
     "sd": dict(sampler="lms", steps=50, guidance=7.5, spacing="linspace"),
 }
 PATH_SPELLED = {   # interpolate: a deterministic sampler
     "ours": dict(sampler="ddim", steps=50, guidance=1.0, spacing="leading"),
+    "latent": dict(sampler="ddim", steps=50, guidance=1.0, spacing="leading"),
     "text": dict(sampler="ddim", steps=50, guidance=4.0, spacing="leading"),
     "sd": dict(sampler="lms", steps=50, guidance=7.5, spacing="linspace"),
 }
@@ -46,7 +49,7 @@ def models(tmp_path_factory):
     return {
         "pixel": (write_run(root / "pixel"), "ours", 1, (20, 12)),
         "class": (write_run(root / "class", num_classes=10), "ours", 1, (12, 20)),
-        "latent": (root / "latent", "ours", 1, (24, 16)),
+        "latent": (root / "latent", "latent", 1, (24, 16)),
         "text": (root / "text", "text", 1, (16, 24)),
         "sd": (root / "sd", "sd", 3, (40, 72)),
     }

@@ -62,7 +62,7 @@ class DiffusionPipeline:
         # What every method uses for a setting left at None (pipelines/defaults.py); Stable Diffusion pipelines
         # (pipelines/stable_diffusion.py) replace them with SD's own.
         self.defaults: SamplingDefaults = defaults_for_run(
-            text_conditional=config.text is not None, edm=d.edm,
+            text_conditional=config.text is not None, edm=d.edm, latent=config.latent is not None,
             distilled_steps=config.distillation.steps if config.distillation else None)
 
     # --- the latent space and the text encoder ---------------------------------------------------
