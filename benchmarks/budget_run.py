@@ -143,12 +143,16 @@ def load_peer(recipe: str, folder: Path, image_shape, device: str):
 def draws_ours(folder: Path, device: str, n: int, settings, seed: int):
     pipe = DiffusionPipeline.from_run(folder, device=device)
     d, default_drawn = pipe.defaults, False
+    # a setting without a spacing keeps the σ's its rows were always scored on: leading steps for VP runs, Karras σ's
+    # for EDM runs (the run's default spacing when these settings were chosen; VP pixel runs now default to Karras)
+    plain = "karras" if pipe.config.diffusion.edm else "leading"
     for sampler, steps, spacing in settings:
+        spacing = spacing or plain
         t0 = time.perf_counter()
         images = pipe.sample(n, sampler=sampler, steps=steps, spacing=spacing, seed=seed, batch_size=500).images
-        row = {"sampler": sampler, "steps": steps, "spacing": spacing or d.spacing, "nfe": nfe(sampler, steps),
+        row = {"sampler": sampler, "steps": steps, "spacing": spacing, "nfe": nfe(sampler, steps),
                "sample_s": time.perf_counter() - t0}
-        if (sampler, steps, spacing or d.spacing) == (d.sampler, d.steps, d.spacing):
+        if (sampler, steps, spacing) == (d.sampler, d.steps, d.spacing):
             row["default"] = default_drawn = True   # the run's default is among the settings: marked, not drawn twice
         yield row, images.cpu()
     if default_drawn:

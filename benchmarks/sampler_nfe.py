@@ -48,6 +48,8 @@ def main(argv=None):
     p.add_argument("--nfe", nargs="+", type=int, default=list(NFES))
     p.add_argument("--max-nfe-all", type=int, default=100,
                    help="above this NFE only ddpm and ddim run (the 1000-step references)")
+    p.add_argument("--spacing", default="leading",
+                   help="the σ's every sampler visits (leading: as the stored results were drawn; karras, ...)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--out", default="benchmarks/out/sampler_nfe")
@@ -73,7 +75,7 @@ def main(argv=None):
             if steps > pipe.schedule.T:
                 continue
             t0 = time.perf_counter()
-            images = pipe.sample(args.n, sampler=sampler, steps=steps, seed=0).images
+            images = pipe.sample(args.n, sampler=sampler, steps=steps, spacing=args.spacing, seed=0).images
             seconds = time.perf_counter() - t0
             score = domain_fid(images, reference, classifier)
             results["scores"].setdefault(sampler, {})[nfe] = score

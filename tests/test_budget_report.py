@@ -61,3 +61,16 @@ def test_budget_run_settings_by_name_or_written_out():
     assert module.parse_settings("ddim:20,dpmpp_2m:20:karras") == [("ddim", 20, None), ("dpmpp_2m", 20, "karras")]
     with pytest.raises(SystemExit, match="sampler:steps"):
         module.parse_settings("ddim")
+
+
+def test_budget_run_settings_without_spacing_keep_leading_steps_on_vp_runs(tmp_path):
+    """A VP pixel run now defaults to Karras σ's; `ddim:2` must still mean DDIM on leading steps, as the stored rows
+    were drawn, and the run's own default is drawn once, marked."""
+    from test_guidance import write_run
+    spec = importlib.util.spec_from_file_location("budget_run", SCRIPT.parent / "budget_run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = [row for row, _ in module.draws_ours(write_run(tmp_path / "run"), "cpu", 2, [("ddim", 2, None)], 0)]
+    assert [(r["sampler"], r["spacing"]) for r in rows] == [("ddim", "leading"),
+                                                              ("default (dpmpp_2m_sde)", "karras")]
+    assert rows[-1]["default"] and rows[-1]["steps"] == 20
