@@ -70,24 +70,32 @@ def main(argv=None):
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--out", default="benchmarks/out/distill")
     p.add_argument("--replot", action="store_true", help="only redraw distill_steps.png from --out's results.json")
+    p.add_argument("--score-only", action="store_true",
+                   help="score the students already in --out (e.g. after a change of their default sampler)")
     args = p.parse_args(argv)
     out = Path(args.out)
     if args.replot:
         plot(json.loads((out / "results.json").read_text())["rows"], out / "distill_steps.png")
         return
-    shutil.rmtree(out / "students", ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
     config = load_run_config(args.run)
-    train = load_dataset(config.data.dataset, "train", data_dir=args.data_dir)
     test = load_dataset(config.data.dataset, "test", data_dir=args.data_dir)
-
-    torch.set_num_threads(1)
-    cpu0 = time.process_time()
-    students = Distiller(args.run, train, out / "students", steps=args.steps, teacher_steps=args.teacher_steps,
-                         minutes=args.cpu_minutes, clock=time.process_time, lr=args.lr,
-                         batch_size=args.batch_size).distill()
-    cpu_seconds = time.process_time() - cpu0
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.score_only:      # the distillation's cost is the one recorded when it ran
+        before = json.loads((out / "results.json").read_text())
+        cpu_seconds, args.cpu_minutes = before["cpu_seconds"], before["cpu_minutes_budget"]
+        args.teacher_steps = before["teacher_steps"]
+        students = sorted((out / "students").glob("steps-*"), key=lambda f: -int(f.name.split("-")[1]))
+    else:
+        shutil.rmtree(out / "students", ignore_errors=True)
+        out.mkdir(parents=True, exist_ok=True)
+        train = load_dataset(config.data.dataset, "train", data_dir=args.data_dir)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        cpu0 = time.process_time()
+        students = Distiller(args.run, train, out / "students", steps=args.steps, teacher_steps=args.teacher_steps,
+                             minutes=args.cpu_minutes, clock=time.process_time, lr=args.lr,
+                             batch_size=args.batch_size).distill()
+        cpu_seconds = time.process_time() - cpu0
+        torch.set_num_threads(threads)      # scoring is not part of the budget: all cores
 
     classifier = load_or_train_classifier(config.data.dataset, data_dir=args.data_dir, cache_dir=args.cache_dir)
     reference = reference_statistics(test, classifier)

@@ -123,6 +123,8 @@ def test_panels_and_the_learn_tab(pixel_pipe, tmp_path):
     assert picture.shape[-1] == 3 and line.startswith("t = 100: ᾱ_t = ")
     strip, gif, result = learn.trajectory_panel(pixel_pipe, steps=5, seed=1, gif_path=tmp_path / "t.gif")
     assert isinstance(strip, Image.Image) and gif.exists() and len(result.trajectory) == 5
+    ddpm = pixel_pipe.sample(1, steps=5, seed=1, sampler="ddpm", spacing="leading").images  # the caption's algorithm
+    assert torch.equal(result.images, ddpm) and pixel_pipe.defaults.sampler != "ddpm"
     with pytest.raises(NoisecraftError, match="steps must be"):
         learn.trajectory_panel(pixel_pipe, steps=0)
     gr = pytest.importorskip("gradio")

@@ -21,6 +21,8 @@ FORWARD_CAPTION = ("Forward process in closed form, q(x_t | x_0) = N(√ᾱ_t·x
 SCHEDULES_CAPTION = ("Noise schedules: β_t, ᾱ_t = ∏_{s≤t}(1 − β_s) (DDPM eq. 4), σ_t = √((1 − ᾱ_t)/ᾱ_t) and "
                      "SNR_t = ᾱ_t/(1 − ᾱ_t) against t; cosine: ᾱ_t = f(t)/f(0), f(t) = cos²((t/T + s)/(1 + s)·π/2) "
                      "(improved DDPM eq. 17).")
+# The trajectory shows the algorithm its caption names, whatever the model's default sampler (pixel runs: DPM++ 2M SDE)
+TRAJECTORY_SAMPLER = {"sampler": "ddpm", "spacing": "leading"}
 TRAJECTORY_CAPTION = ("Reverse process p_θ(x_{t−1} | x_t) (DDPM Algorithm 2): x_t above the network's estimate "
                       "x̂_0 = (x_t − √(1 − ᾱ_t)·ε_θ(x_t, t)) / √ᾱ_t (DDPM eq. 15) at the saved steps.")
 LATENT_CAPTION = ("Latent diffusion (Rombach et al. 2022, LDM eq. 2): the U-Net denoises z = s·E(x), the VAE "
@@ -214,7 +216,8 @@ def trajectory_panel(pipe, steps: int = 20, seed: int = 0, prompt: str | None = 
         cond["prompt"] = prompt or ""
     elif label not in (None, ""):
         cond["label"] = int(label)
-    result = pipe.sample(1, steps=steps, seed=int(seed or 0), save_every=max(1, steps // max(1, frames)), **cond)
+    result = pipe.sample(1, steps=steps, seed=int(seed or 0), save_every=max(1, steps // max(1, frames)),
+                         **TRAJECTORY_SAMPLER, **cond)
     gif = trajectory_gif(result, gif_path) if gif_path else None
     return trajectory_strip(result), gif, result
 

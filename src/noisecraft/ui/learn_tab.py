@@ -128,7 +128,7 @@ def _trajectory_section(learn, engine, library) -> None:
                 kwargs["label"] = int(str(label).split(":")[0])
             every = max(1, int(every or 1))
             result = pipe.sample(1, steps=int(steps) if steps else None, seed=int(seed or 0), save_every=every,
-                                 **kwargs)
+                                 **learn.TRAJECTORY_SAMPLER, **kwargs)
             gif = Path(tempfile.mkdtemp(prefix="noisecraft-ui-")) / "denoise.gif"
             return learn.trajectory_strip(result), str(learn.trajectory_gif(result, gif)), "✓ drawn"
         except Exception as e:      # noqa: BLE001 (a message, never a traceback)
