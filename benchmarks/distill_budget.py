@@ -40,7 +40,9 @@ def plot(rows: list, path: Path) -> None:
     for name, marker in (("student", "o"), ("teacher", "s")):
         pts = sorted((r["nfe"], r["score"]) for r in rows if r["model"] == name and r.get("default", True)
                      and r["sampler"] != "heun")
-        ax.plot(*zip(*pts), marker=marker, label=f"{name} (the student's default, nested σ's)")
+        used = sorted({r["sampler"] for r in rows if r["model"] == name and r["sampler"] != "heun"
+                       and r.get("default", True)})
+        ax.plot(*zip(*pts), marker=marker, label=f"{name} ({', '.join(used)}, nested σ's)")
     heun = [r for r in rows if r["sampler"] == "heun"][0]
     ax.axhline(heun["score"], color="grey", ls="--", label=f"teacher, Heun {heun['steps']} steps ({heun['nfe']} NFE)")
     ax.set_xscale("log", base=2)

@@ -55,7 +55,7 @@ def distilled_defaults(steps: int, text_conditional: bool) -> SamplingDefaults:
     """A distilled student (training/distill.py) samples on the σ's it was trained on (its own steps, nested) with
     DPM++ 2M. Its first step and its last (to σ = 0) are the Euler steps the student was trained to take, so at 1 and
     2 steps it IS Euler; from 3 steps on its multistep correction helps: a 4-step student of the MNIST v-run scored
-    3.05-3.23 with it against 3.55-3.85 with Euler (README, "EDM, distillation and colour on a CPU budget")."""
+    3.07-3.22 with it against 3.57-3.85 with Euler (README, "EDM, distillation and colour on a CPU budget")."""
     return SamplingDefaults(sampler="dpmpp_2m", steps=steps, spacing="nested", guidance=4.0 if text_conditional else 1.0,
                             path_sampler="dpmpp_2m", path_steps=steps)
 
