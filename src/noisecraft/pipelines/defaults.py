@@ -7,7 +7,8 @@ gives the same picture whichever way it comes in.
 Stable Diffusion checkpoints sample as the SD front ends do: LMS, 50 steps, guidance 7.5, linspace spacing, at
 512×512. Our own runs sample with what our benchmarks found best for them. Pixel runs: DPM++ 2M SDE with 20 steps on
 Karras σ's (20 network evaluations): after 20 CPU-minutes on MNIST it scored 1.52 / 1.61 (two training seeds)
-against DDPM-10's 3.64 / 2.56 and DDIM-50's 3.35 / 2.59, and after 40 on CIFAR-10 10.1 against 29.4 and 13.7 (README,
+against DDPM-10's 3.64 / 2.56 and DDIM-50's 3.35 / 2.59; after 10, 2.95 against 8.11 and 23.7; on CIFAR-10 after
+10 and 40 CPU-minutes 13.4 and 10.1 against DDPM-10's 28.2 and 29.4: the best at 10, within 3% of DDIM-20 at 40 (README,
 "EDM, distillation and colour on a CPU budget"). Latent runs keep DDPM-10 and text-conditional runs DDPM-30 at
 guidance 4, whose prompts need guidance to show: no sampler was measured against them on latents.
 Interpolation moves only the starting noise, so it needs a deterministic sampler: `path_sampler`.
