@@ -104,18 +104,25 @@ def nfe_table(out: Path, dataset: str, runs: dict) -> None:
     for name, r in runs.items():
         for sampler in samplers:
             cells = sorted((s["nfe"], s["score"]) for s in r["samples"] if s["sampler"] == sampler)
+            if not cells:
+                continue
             print(f"| {name} | {sampler} | " + ", ".join(f"{n}: {v:.2f}" for n, v in cells) + " |")
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 3.6), sharey=True)
+    colours = {sampler: f"C{i}" for i, sampler in enumerate(samplers)}    # one colour per sampler in every panel
+    scores = [s["score"] for r in runs.values() for s in r["samples"]]
+    yticks = [v for v in (1, 1.5, 2, 3, 4, 5, 7, 10, 15, 20, 30, 50, 100, 200, 500, 1000)
+              if min(scores) / 1.2 <= v <= max(scores) * 1.2]
     for ax, (name, r) in zip(axes, runs.items()):
         for sampler in samplers:
             pts = sorted((s["nfe"], s["score"]) for s in r["samples"] if s["sampler"] == sampler)
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=sampler)
+                ax.plot(*zip(*pts), marker="o", label=sampler, color=colours[sampler])
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.set_yticks(yticks, [f"{v:g}" for v in yticks])   # a log axis within one decade shows no labels itself
         drawn = [s["nfe"] for s in r["samples"]]
         ticks = [n for n in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000) if min(drawn) <= n <= max(drawn)]
         ax.set_xticks(ticks, [str(n) for n in ticks])   # plain numbers, not 2×10^1
@@ -123,7 +130,8 @@ def nfe_table(out: Path, dataset: str, runs: dict) -> None:
         ax.set_title(name)
         ax.set_xlabel("network evaluations")
     axes[0].set_ylabel("domain score (lower is better)")
-    axes[-1].legend(fontsize=7)
+    for ax in axes:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / f"{dataset}_sampler_nfe.png", dpi=120)
     print(f"\nplot: {out / f'{dataset}_sampler_nfe.png'}")
