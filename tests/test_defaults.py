@@ -134,3 +134,17 @@ def test_stable_diffusion_defaults_and_edits_keep_the_input_size(models, tmp_pat
     with pytest.warns(UserWarning, match="45×70 resized to 40×64"):
         out = pipe.img2img(load_images(image, 3), prompt=PROMPT, steps=2).images
     assert tuple(out.shape[-2:]) == (40, 64)
+
+
+def test_a_named_sampler_keeps_the_runs_plain_spacing():
+    """A pixel run's default is DPM++ 2M SDE on Karras σ's; a sampler named without a spacing (and the interpolation
+    path) keeps leading steps, as every sampler table was drawn; a spacing given always wins."""
+    from noisecraft.pipelines.defaults import defaults_for_run
+    pixel = defaults_for_run(text_conditional=False)
+    assert pixel.resolve() == SPELLED["ours"]
+    assert pixel.resolve("ddim", 50)["spacing"] == "leading"
+    assert pixel.resolve("dpmpp_2m_sde")["spacing"] == "leading"      # "DPM++ 2M SDE Karras" names the default's grid
+    assert pixel.resolve(path=True) == PATH_SPELLED["ours"]
+    assert pixel.resolve("heun", spacing="karras")["spacing"] == "karras"
+    edm = defaults_for_run(text_conditional=False, edm=True)
+    assert edm.resolve("ddim")["spacing"] == edm.resolve()["spacing"] == "karras"

@@ -24,22 +24,27 @@ class SamplingDefaults:
     sampler: str = "ddpm"          # any registered name or alias (see samplers/__init__.py)
     steps: int = 10                # sampler steps (network evaluations for first-order samplers)
     guidance: float = 1.0          # classifier-free guidance w; 1 = none (our w is the paper's w + 1)
-    spacing: str = "leading"       # which σ's the steps visit: leading | trailing | linspace | karras | nested
+    spacing: str = "leading"       # which σ's the default sampler visits: leading | trailing | linspace | karras | nested
     path_sampler: str = "ddim"     # interpolate_seeds: a deterministic sampler ...
-    path_steps: int = 50           # ... its steps ...
-    path_spacing: str | None = None  # ... and its spacing (None: `spacing`)
+    path_steps: int = 50           # ... and its steps
+    # the σ's of a sampler the caller names without a spacing, and of the path sampler (None: `spacing`): a pixel
+    # run's default is "DPM++ 2M SDE Karras", while `sampler="ddim"` alone stays DDIM on leading steps, as it always was
+    other_spacing: str | None = None
 
     def resolve(self, sampler=None, steps=None, guidance=None, spacing=None, *, path: bool = False) -> dict:
         """The settings of one call: what the caller gave, the defaults for the rest."""
+        default_sampler = sampler is None and not path
+        if spacing is None:
+            spacing = self.spacing if default_sampler else (self.other_spacing or self.spacing)
         return {"sampler": sampler if sampler is not None else (self.path_sampler if path else self.sampler),
                 "steps": steps if steps is not None else (self.path_steps if path else self.steps),
                 "guidance": float(guidance) if guidance is not None else self.guidance,
-                "spacing": spacing if spacing is not None else
-                ((self.path_spacing or self.spacing) if path else self.spacing)}
+                "spacing": spacing}
 
 
 OUR_LATENT_RUN = SamplingDefaults()
-OUR_PIXEL_RUN = replace(OUR_LATENT_RUN, sampler="dpmpp_2m_sde", steps=20, spacing="karras", path_spacing="leading")
+OUR_PIXEL_RUN = replace(OUR_LATENT_RUN, sampler="dpmpp_2m_sde", steps=20, spacing="karras",
+                        other_spacing="leading")
 OUR_TEXT_RUN = replace(OUR_LATENT_RUN, steps=30, guidance=4.0)
 STABLE_DIFFUSION = SamplingDefaults(sampler="lms", steps=50, guidance=7.5, spacing="linspace", path_sampler="lms",
                                     path_steps=50)
