@@ -143,11 +143,10 @@ def load_peer(recipe: str, folder: Path, image_shape, device: str):
 def draws_ours(folder: Path, device: str, n: int, settings, seed: int):
     pipe = DiffusionPipeline.from_run(folder, device=device)
     d, default_drawn = pipe.defaults, False
-    # a setting without a spacing keeps the σ's its rows were always scored on: leading steps for VP runs, Karras σ's
-    # for EDM runs (the run's default spacing when these settings were chosen; VP pixel runs now default to Karras)
-    plain = "karras" if pipe.config.diffusion.edm else "leading"
     for sampler, steps, spacing in settings:
-        spacing = spacing or plain
+        # a named sampler without a spacing: the run's plain σ's (leading for VP runs, Karras for EDM runs), which
+        # every stored row was scored on (pipelines/defaults.py, other_spacing)
+        spacing = d.resolve(sampler, steps, spacing=spacing)["spacing"]
         t0 = time.perf_counter()
         images = pipe.sample(n, sampler=sampler, steps=steps, spacing=spacing, seed=seed, batch_size=500).images
         row = {"sampler": sampler, "steps": steps, "spacing": spacing, "nfe": nfe(sampler, steps),
