@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from noisecraft.components import attach_components  # noqa: E402
 from noisecraft.config import make_run_config  # noqa: E402
 from noisecraft.data.datasets import load_dataset  # noqa: E402
 from noisecraft.evaluation.classifier import load_or_train_classifier  # noqa: E402
@@ -91,12 +92,15 @@ def peer_module(recipe: str):
 # --- train -------------------------------------------------------------------------------------------------
 
 
-def train_ours(dataset, recipe: str, cpu_minutes: float, folder: Path, seed: int) -> dict:
+def train_ours(dataset, recipe: str, cpu_minutes: float, folder: Path, seed: int, vae_run: str | None = None) -> dict:
     shutil.rmtree(folder, ignore_errors=True)
+    # a latent run denoises the latents of a VAE trained beforehand (noisecraft train-vae); its cost is not in the
+    # budget, and the run keeps a copy of it (components.py), so scoring decodes with the same VAE
+    latent = attach_components(folder, dataset.image_shape, vae_run)[0] if vae_run else None
     # "noisecraft" is the default VP recipe (cosine, ε, Min-SNR 5); "noisecraft-v" the same with v-prediction, which,
     # unlike ε, can be distilled to a few steps; "noisecraft-edm" is --preconditioning edm
     diffusion = {"prediction": {"noisecraft-edm": "edm", "noisecraft-v": "v"}.get(recipe, "eps")}
-    config = make_run_config(dataset, diffusion=diffusion,
+    config = make_run_config(dataset, diffusion=diffusion, latent=latent,
                              train={"steps": 10**9, "seed": seed, "sample_every": 0, "checkpoint_every": 0})
     trainer = Trainer(config, dataset, folder, progress=False)
     start = time.process_time()
@@ -189,24 +193,30 @@ def main(argv=None):
     p.add_argument("--max-nfe", type=int, default=10**9, help="score: skip settings that cost more evaluations")
     p.add_argument("--peer-batch-size", type=int, default=None,
                    help="train: a peer's batch instead of its recipe's (smalldiffusion's 1024 needs ~15 GB)")
+    p.add_argument("--latent", default=None, metavar="VAE_RUN",
+                   help="our recipes: a latent run on this VAE (train; scoring reads the same -latent run, which holds "
+                        "a copy of the VAE)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--cache-dir", default=None, help="domain classifier cache")
     p.add_argument("--out", default="benchmarks/out/budget")
     args = p.parse_args(argv)
     out = Path(args.out)
-    tag = f"{args.dataset}-{args.recipe}"
+    tag = f"{args.dataset}-{args.recipe}" + ("-latent" if args.latent else "")
     folder = out / "models" / tag
     ours = args.recipe in OUR_RECIPES
+    if args.latent and not ours:
+        raise SystemExit(f"--latent trains our recipes only ({', '.join(OUR_RECIPES)}), not {args.recipe!r}")
 
     if args.phase == "train":
         torch.set_num_threads(1)
         train = load_dataset(args.dataset, "train", data_dir=args.data_dir)
         if ours:
-            stats = train_ours(train, args.recipe, args.cpu_minutes, folder, args.seed)
+            stats = train_ours(train, args.recipe, args.cpu_minutes, folder, args.seed, args.latent)
         else:
             stats = train_peer(train, args.recipe, args.cpu_minutes, folder, args.seed, args.peer_batch_size)
             stats["batch_size"] = args.peer_batch_size or "the recipe's"
-        stats.update(dataset=args.dataset, recipe=args.recipe, cpu_minutes=args.cpu_minutes, threads=1)
+        stats.update(dataset=args.dataset, recipe=args.recipe, cpu_minutes=args.cpu_minutes, threads=1,
+                     **({"vae_run": str(args.latent)} if args.latent else {}))
         (folder / "train.json").write_text(json.dumps(stats, indent=2) + "\n")
         print(f"{tag}: {stats['steps']} steps, {stats['train_images_per_s']:.1f} images per CPU-second", flush=True)
         return

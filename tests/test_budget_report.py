@@ -74,3 +74,27 @@ def test_budget_run_settings_without_spacing_keep_leading_steps_on_vp_runs(tmp_p
     assert [(r["sampler"], r["spacing"]) for r in rows] == [("ddim", "leading"),
                                                               ("default (dpmpp_2m_sde)", "karras")]
     assert rows[-1]["default"] and rows[-1]["steps"] == 20
+
+
+def test_budget_run_trains_and_draws_a_latent_run(tmp_path):
+    """--latent VAE_RUN: the run keeps a copy of the VAE, samples come back as decoded pixels, and a latent run's
+    default (DDPM-10) is the row marked default."""
+    from noisecraft.data.datasets import load_dataset
+    from noisecraft.models.vae import VAEConfig
+    from noisecraft.training.vae_trainer import VAETrainConfig, train_vae
+    spec = importlib.util.spec_from_file_location("budget_run", SCRIPT.parent / "budget_run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    digits = load_dataset("digits").subset(80)
+    train_vae(VAEConfig(block_out_channels=(8, 8), latent_channels=2, mid_attention=False),
+              VAETrainConfig(steps=1, batch_size=8, scale_images=16, eval_images=8), digits, tmp_path / "vae",
+              test_dataset=digits.subset(8), progress=False)
+    folder = tmp_path / "models" / "digits-noisecraft-latent"
+    stats = module.train_ours(digits, "noisecraft", 0.0, folder, 0, vae_run=str(tmp_path / "vae"))
+    assert stats["steps"] == 0 and (folder / "vae" / "model.safetensors").is_file()
+    config = json.loads((folder / "config.json").read_text())
+    assert config["latent"]["latent_shape"] == [2] + [side // 2 for side in digits.image_shape[1:]]   # one 2× level
+    rows = list(module.draws_ours(folder, "cpu", 2, [("ddpm", 2, None)], 0))
+    assert [(r["sampler"], r["steps"], r.get("default", False)) for r, _ in rows] == [
+        ("ddpm", 2, False), ("default (ddpm)", 10, True)]
+    assert tuple(rows[0][1].shape) == (2, *digits.image_shape)
