@@ -4,6 +4,7 @@ class-conditional U-Net trained for the same budget.
     python benchmarks/text_to_image.py latent --minutes 40 --threads 1 &     # both at once, one core each
     python benchmarks/text_to_image.py pixel --minutes 40 --threads 1
     python benchmarks/text_to_image.py report                                # the table (README)
+    python benchmarks/text_to_image.py score --settings ddpm:30,dpmpp_2m_sde:20:karras   # kept runs, other samplers
 
 `latent` runs the three training commands a user would run (`noisecraft train-vae`, `train-clip`, then
 `train --latent --text-encoder`), splitting --minutes between them (VAE --vae-minutes, CLIP --clip-minutes,
@@ -13,7 +14,9 @@ class — the latent model from the class's prompt ("a handwritten digit seven")
 label — with the txt2img defaults (DDPM, 30 steps, guidance 4), and score them: the accuracy of a small
 classifier trained on the real data (does the image show the prompted class?) and the FID-style domain
 score against the test split (Fréchet distance of that classifier's features; NOT comparable to published
-Inception FID). Training throughput (images/s) of both comes from their logs.
+Inception FID). Training throughput (images/s) of both comes from their logs. `score` draws the kept runs again
+with other samplers (sampler:steps[:spacing], all at --guidance), for choosing a text run's default sampler; it
+writes <part>-settings.json.
 """
 
 from __future__ import annotations
@@ -56,13 +59,14 @@ def train_images_per_s(run: Path) -> float:
 
 
 def evaluate(pipe: DiffusionPipeline, conditions: list, per_class: int, key: str, test, classifier, out: Path,
-             name: str) -> dict:
-    """per_class images for each condition (prompt or label) -> classifier accuracy per class, domain score."""
+             name: str, draw: dict | None = None) -> dict:
+    """per_class images for each condition (prompt or label) -> classifier accuracy per class, domain score.
+    `draw`: the sampler settings (default: the txt2img defaults this benchmark was first run with)."""
+    draw = draw or {"sampler": SAMPLER, "steps": STEPS, "guidance": GUIDANCE}
     images, targets = [], []
     t0 = time.perf_counter()
     for c, condition in enumerate(conditions):
-        result = pipe.sample(per_class, sampler=SAMPLER, steps=STEPS, guidance=GUIDANCE, seed=1000 * c,
-                             **{key: condition})
+        result = pipe.sample(per_class, seed=1000 * c, **draw, **{key: condition})
         images.append(result.images)
         targets.append(torch.full((per_class,), c))
     seconds = time.perf_counter() - t0
@@ -122,9 +126,35 @@ def report(out: Path) -> None:
         print(f"\nlatent / pixel training throughput: {ratio:.2f}x")
 
 
+def score_settings(args, out: Path) -> None:
+    """The kept runs of earlier `latent`/`pixel` parts, drawn with each of --settings at --guidance."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from budget_run import nfe, parse_settings
+    runs = {"latent": (out / "runs" / "ldm", "prompt"), "pixel": (out / "runs" / "pixel", "label")}
+    runs = {part: run for part, run in runs.items() if (run[0] / "config.json").is_file()}
+    if not runs:
+        raise SystemExit(f"no kept run under {out / 'runs'}; run the latent or pixel part first")
+    test = load_dataset(args.dataset, "test", data_dir=args.data_dir)
+    classifier = load_or_train_classifier(args.dataset, data_dir=args.data_dir)
+    torch.set_num_threads(args.threads)
+    for part, (folder, key) in runs.items():
+        pipe = DiffusionPipeline.from_run(folder)
+        conditions = class_prompts(args.dataset) if key == "prompt" else list(range(len(pipe.config.data.class_names)))
+        rows = []
+        for sampler, steps, spacing in parse_settings(args.settings):
+            draw = {"sampler": sampler, "steps": steps, "spacing": spacing, "guidance": args.guidance}
+            tag = f"{part}-{sampler}-{steps}" + (f"-{spacing}" if spacing else "")
+            row = evaluate(pipe, conditions, args.per_class, key, test, classifier, out, tag, draw)
+            row.pop("accuracy_per_class")
+            rows.append({**draw, "nfe": nfe(sampler, steps), **row})
+            print(f"{part}: {sampler}-{steps} {spacing or ''} w={args.guidance}: accuracy {row['accuracy']:.3f}, "
+                  f"domain score {row['domain_score']:.2f}", flush=True)
+        (out / f"{part}-settings.json").write_text(json.dumps({"per_class": args.per_class, "rows": rows}, indent=2))
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("part", choices=["latent", "pixel", "report"])
+    p.add_argument("part", choices=["latent", "pixel", "report", "score"])
     p.add_argument("--dataset", default="mnist")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--minutes", type=float, default=40.0, help="the whole training budget of each model")
@@ -134,12 +164,17 @@ def main(argv=None) -> None:
     p.add_argument("--per-class", type=int, default=100)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--settings", default="ddpm:30,dpmpp_2m_sde:20:karras",
+                   help="score: sampler:steps[:spacing],... (a spacing left out: the run's plain one)")
+    p.add_argument("--guidance", type=float, default=GUIDANCE, help="score: guidance w of every setting")
     p.add_argument("--out", default="benchmarks/out/text_to_image")
     args = p.parse_args(argv)
     out = Path(args.out) / args.dataset
     out.mkdir(parents=True, exist_ok=True)
     if args.part == "report":
         return report(out)
+    if args.part == "score":
+        return score_settings(args, out)
     result = run_latent(args, out) if args.part == "latent" else run_pixel(args, out)
     test = load_dataset(args.dataset, "test", data_dir=args.data_dir)
     classifier = load_or_train_classifier(args.dataset, data_dir=args.data_dir)

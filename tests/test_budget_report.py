@@ -98,3 +98,20 @@ def test_budget_run_trains_and_draws_a_latent_run(tmp_path):
     assert [(r["sampler"], r["steps"], r.get("default", False)) for r, _ in rows] == [
         ("ddpm", 2, False), ("default (ddpm)", 10, True)]
     assert tuple(rows[0][1].shape) == (2, *digits.image_shape)
+
+
+def test_text_to_image_score_redraws_a_kept_run_with_each_setting(tmp_path):
+    """text_to_image.py score: each setting drawn at the given guidance, one row per setting, with its NFE."""
+    from test_guidance import write_run
+    spec = importlib.util.spec_from_file_location("text_to_image", SCRIPT.parent / "text_to_image.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    write_run(tmp_path / "digits" / "runs" / "pixel", num_classes=10)
+    module.main(["score", "--dataset", "digits", "--out", str(tmp_path), "--settings", "ddpm:2,heun:2:karras",
+                 "--guidance", "2", "--per-class", "2", "--threads", "1"])
+    rows = json.loads((tmp_path / "digits" / "pixel-settings.json").read_text())["rows"]
+    assert [(r["sampler"], r["nfe"], r["spacing"], r["guidance"], r["samples"]) for r in rows] == [
+        ("ddpm", 2, None, 2.0, 20), ("heun", 3, "karras", 2.0, 20)]
+    assert all(0 <= r["accuracy"] <= 1 and r["domain_score"] >= 0 for r in rows)
+    with pytest.raises(SystemExit, match="no kept run"):
+        module.main(["score", "--dataset", "digits", "--out", str(tmp_path / "empty")])
