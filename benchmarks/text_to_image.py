@@ -11,7 +11,7 @@ class-conditional U-Net trained for the same budget.
 the rest — after the one-off latent/caption encoding — to the U-Net), and times them as a whole. `pixel`
 trains `noisecraft train --conditional` for the full --minutes. Both then draw --per-class images for each
 class — the latent model from the class's prompt ("a handwritten digit seven"), the pixel model from its
-label — with the txt2img defaults (DDPM, 30 steps, guidance 4), and score them: the accuracy of a small
+label — with the txt2img defaults of stop 23 (DDPM, 30 steps, guidance 4), and score them: the accuracy of a small
 classifier trained on the real data (does the image show the prompted class?) and the FID-style domain
 score against the test split (Fréchet distance of that classifier's features; NOT comparable to published
 Inception FID). Training throughput (images/s) of both comes from their logs. `score` draws the kept runs again
@@ -39,7 +39,7 @@ from noisecraft.evaluation.fid import domain_fid
 from noisecraft.pipelines.diffusion import DiffusionPipeline
 from noisecraft.viz.images import save_grid
 
-SAMPLER, STEPS, GUIDANCE = "ddpm", 30, 4.0   # the txt2img defaults
+SAMPLER, STEPS, GUIDANCE = "ddpm", 30, 4.0   # the txt2img defaults this table was first drawn with (kept, to compare)
 
 
 def noisecraft(args: list[str], threads: int) -> float:

@@ -2,7 +2,7 @@
 img2img, inpaint, interpolate), from Python and from the command line, called with only its required arguments
 gives bit for bit the picture of the same call with the model's defaults spelled out — and those defaults are
 the documented ones (SD: LMS, 50 steps, guidance 7.5, linspace; our pixel runs: DPM++ 2M SDE-20 on Karras σ's; our
-latent runs: DDPM-10; our text runs: DDPM-30 at 4)."""
+latent runs: DDPM-10; our text runs: DPM++ 2M SDE-20 on Karras σ's at 4)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from noisecraft.viz.images import to_uint8
 SPELLED = {
     "ours": dict(sampler="dpmpp_2m_sde", steps=20, guidance=1.0, spacing="karras"),
     "latent": dict(sampler="ddpm", steps=10, guidance=1.0, spacing="leading"),
-    "text": dict(sampler="ddpm", steps=30, guidance=4.0, spacing="leading"),
+    "text": dict(sampler="dpmpp_2m_sde", steps=20, guidance=4.0, spacing="karras"),
     "sd": dict(sampler="lms", steps=50, guidance=7.5, spacing="linspace"),
 }
 PATH_SPELLED = {   # interpolate: a deterministic sampler
