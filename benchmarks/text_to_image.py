@@ -15,14 +15,15 @@ label — with the txt2img defaults of stop 23 (DDPM, 30 steps, guidance 4), and
 classifier trained on the real data (does the image show the prompted class?) and the FID-style domain
 score against the test split (Fréchet distance of that classifier's features; NOT comparable to published
 Inception FID). Training throughput (images/s) of both comes from their logs. `score` draws the kept runs again
-with other samplers (sampler:steps[:spacing], all at --guidance), for choosing a text run's default sampler; it
-writes <part>-settings.json.
+with other samplers (sampler:steps[:spacing]) at each of --guidance (one w or a list, "2,4,6"), for choosing a text
+run's default sampler and guidance scale; it writes <part>-settings.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import os
 import subprocess
@@ -127,11 +128,15 @@ def report(out: Path) -> None:
 
 
 def score_settings(args, out: Path) -> None:
-    """The kept runs of earlier `latent`/`pixel` parts, drawn with each of --settings at --guidance."""
+    """The kept runs of earlier `latent`/`pixel` parts, drawn with each of --settings at each --guidance."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from budget_run import nfe, parse_settings
     runs = {"latent": (out / "runs" / "ldm", "prompt"), "pixel": (out / "runs" / "pixel", "label")}
     runs = {part: run for part, run in runs.items() if (run[0] / "config.json").is_file()}
+    try:
+        guidances = [float(w) for w in str(args.guidance).split(",")]
+    except ValueError:
+        raise SystemExit(f"--guidance {args.guidance!r}: give a number or a list of numbers, e.g. 4 or 2,4,6") from None
     if not runs:
         raise SystemExit(f"no kept run under {out / 'runs'}; run the latent or pixel part first")
     test = load_dataset(args.dataset, "test", data_dir=args.data_dir)
@@ -141,13 +146,14 @@ def score_settings(args, out: Path) -> None:
         pipe = DiffusionPipeline.from_run(folder)
         conditions = class_prompts(args.dataset) if key == "prompt" else list(range(len(pipe.config.data.class_names)))
         rows = []
-        for sampler, steps, spacing in parse_settings(args.settings):
-            draw = {"sampler": sampler, "steps": steps, "spacing": spacing, "guidance": args.guidance}
+        for (sampler, steps, spacing), guidance in itertools.product(parse_settings(args.settings), guidances):
+            draw = {"sampler": sampler, "steps": steps, "spacing": spacing, "guidance": guidance}
             tag = f"{part}-{sampler}-{steps}" + (f"-{spacing}" if spacing else "")
+            tag += f"-w{guidance:g}" if len(guidances) > 1 else ""   # one grid per scale in a sweep
             row = evaluate(pipe, conditions, args.per_class, key, test, classifier, out, tag, draw)
             row.pop("accuracy_per_class")
             rows.append({**draw, "nfe": nfe(sampler, steps), **row})
-            print(f"{part}: {sampler}-{steps} {spacing or ''} w={args.guidance}: accuracy {row['accuracy']:.3f}, "
+            print(f"{part}: {sampler}-{steps} {spacing or ''} w={guidance:g}: accuracy {row['accuracy']:.3f}, "
                   f"domain score {row['domain_score']:.2f}", flush=True)
         (out / f"{part}-settings.json").write_text(json.dumps({"per_class": args.per_class, "rows": rows}, indent=2))
 
@@ -166,7 +172,7 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--settings", default="ddpm:30,dpmpp_2m_sde:20:karras",
                    help="score: sampler:steps[:spacing],... (a spacing left out: the run's plain one)")
-    p.add_argument("--guidance", type=float, default=GUIDANCE, help="score: guidance w of every setting")
+    p.add_argument("--guidance", default=str(GUIDANCE), help="score: guidance w of every setting, or a list (2,4,6)")
     p.add_argument("--out", default="benchmarks/out/text_to_image")
     args = p.parse_args(argv)
     out = Path(args.out) / args.dataset

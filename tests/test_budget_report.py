@@ -101,7 +101,7 @@ def test_budget_run_trains_and_draws_a_latent_run(tmp_path):
 
 
 def test_text_to_image_score_redraws_a_kept_run_with_each_setting(tmp_path):
-    """text_to_image.py score: each setting drawn at the given guidance, one row per setting, with its NFE."""
+    """text_to_image.py score: each setting drawn at each given guidance, one row per pair, with its NFE."""
     from test_guidance import write_run
     spec = importlib.util.spec_from_file_location("text_to_image", SCRIPT.parent / "text_to_image.py")
     module = importlib.util.module_from_spec(spec)
@@ -113,5 +113,15 @@ def test_text_to_image_score_redraws_a_kept_run_with_each_setting(tmp_path):
     assert [(r["sampler"], r["nfe"], r["spacing"], r["guidance"], r["samples"]) for r in rows] == [
         ("ddpm", 2, None, 2.0, 20), ("heun", 3, "karras", 2.0, 20)]
     assert all(0 <= r["accuracy"] <= 1 and r["domain_score"] >= 0 for r in rows)
+    # a guidance sweep: one row (and one grid) per scale
+    module.main(["score", "--dataset", "digits", "--out", str(tmp_path), "--settings", "ddpm:2",
+                 "--guidance", "0,3", "--per-class", "2", "--threads", "1"])
+    rows = json.loads((tmp_path / "digits" / "pixel-settings.json").read_text())["rows"]
+    assert [(r["sampler"], r["guidance"]) for r in rows] == [("ddpm", 0.0), ("ddpm", 3.0)]
+    assert rows[0]["domain_score"] != rows[1]["domain_score"]
+    assert sorted(p.name for p in (tmp_path / "digits").glob("pixel-ddpm-2-w*_grid.png")) == [
+        "pixel-ddpm-2-w0_grid.png", "pixel-ddpm-2-w3_grid.png"]
+    with pytest.raises(SystemExit, match="a list of numbers"):
+        module.main(["score", "--dataset", "digits", "--out", str(tmp_path), "--guidance", "four"])
     with pytest.raises(SystemExit, match="no kept run"):
         module.main(["score", "--dataset", "digits", "--out", str(tmp_path / "empty")])
