@@ -23,13 +23,13 @@ from noisecraft.viz.images import to_uint8
 SPELLED = {
     "ours": dict(sampler="dpmpp_2m_sde", steps=20, guidance=1.0, spacing="karras"),
     "latent": dict(sampler="ddpm", steps=10, guidance=1.0, spacing="leading"),
-    "text": dict(sampler="dpmpp_2m_sde", steps=20, guidance=4.0, spacing="karras"),
+    "text": dict(sampler="dpmpp_2m_sde", steps=20, guidance=2.0, spacing="karras"),
     "sd": dict(sampler="lms", steps=50, guidance=7.5, spacing="linspace"),
 }
 PATH_SPELLED = {   # interpolate: a deterministic sampler
     "ours": dict(sampler="ddim", steps=50, guidance=1.0, spacing="leading"),
     "latent": dict(sampler="ddim", steps=50, guidance=1.0, spacing="leading"),
-    "text": dict(sampler="ddim", steps=50, guidance=4.0, spacing="leading"),
+    "text": dict(sampler="ddim", steps=50, guidance=2.0, spacing="leading"),
     "sd": dict(sampler="lms", steps=50, guidance=7.5, spacing="linspace"),
 }
 PROMPT = "a handwritten digit seven"

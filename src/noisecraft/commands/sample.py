@@ -491,8 +491,8 @@ def add_parsers(sub) -> None:
     add_sampling_args(x)
     x.add_argument("text", metavar="PROMPT", help='what to draw, e.g. "a pair of trousers"')
     x.add_argument("--n", type=positive_int, default=None, help="images to draw (default 16)")
-    # Sampler, steps and guidance: the model's own defaults (30 DDPM steps at guidance 4 for our runs; LMS, 50
-    # steps, guidance 7.5 for Stable Diffusion), unless given.
+    # Sampler, steps and guidance: the model's own defaults (pipelines/defaults.py: DPM++ 2M SDE-20 at guidance 2
+    # for our text runs; LMS, 50 steps, guidance 7.5 for Stable Diffusion), unless given.
     _add_png_args(x)
     x.set_defaults(func=cmd_txt2img)
 
