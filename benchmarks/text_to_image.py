@@ -5,6 +5,8 @@ class-conditional U-Net trained for the same budget.
     python benchmarks/text_to_image.py pixel --minutes 40 --threads 1
     python benchmarks/text_to_image.py report                                # the table (README)
     python benchmarks/text_to_image.py score --settings ddpm:30,dpmpp_2m_sde:20:karras   # kept runs, other samplers
+    python benchmarks/text_to_image.py score --settings dpmpp_2m_sde:20:karras --guidance 1,2,4   # a guidance sweep
+    python benchmarks/text_to_image.py plot                                  # the sweep's figure
 
 `latent` runs the three training commands a user would run (`noisecraft train-vae`, `train-clip`, then
 `train --latent --text-encoder`), splitting --minutes between them (VAE --vae-minutes, CLIP --clip-minutes,
@@ -16,7 +18,8 @@ classifier trained on the real data (does the image show the prompted class?) an
 score against the test split (Fréchet distance of that classifier's features; NOT comparable to published
 Inception FID). Training throughput (images/s) of both comes from their logs. `score` draws the kept runs again
 with other samplers (sampler:steps[:spacing]) at each of --guidance (one w or a list, "2,4,6"), for choosing a text
-run's default sampler and guidance scale; it writes <part>-settings.json.
+run's default sampler and guidance scale; it writes <part>-settings.json. `plot` draws such files' guidance sweeps
+(domain score and prompted share against w) to <part>-guidance.png.
 """
 
 from __future__ import annotations
@@ -158,9 +161,37 @@ def score_settings(args, out: Path) -> None:
         (out / f"{part}-settings.json").write_text(json.dumps({"per_class": args.per_class, "rows": rows}, indent=2))
 
 
+def plot_guidance(rows: list, path: Path) -> None:
+    """Domain score and the share of images showing their prompt against the guidance scale w, a line per sampler:
+    the diversity-for-fidelity trade of classifier-free guidance, as `score --guidance 1,2,4` measured it."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    lines = {}
+    for r in rows:
+        lines.setdefault(f"{r['sampler']}-{r['steps']}" + (f" {r['spacing']}" if r.get("spacing") else ""), []).append(r)
+    lines = {name: sorted(rs, key=lambda r: r["guidance"]) for name, rs in lines.items() if len(rs) > 1}
+    if not lines:
+        raise SystemExit("no sampler was drawn at two or more guidance scales; run score --guidance 1,2,4 first")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for name, rs in lines.items():
+        w = [r["guidance"] for r in rs]
+        left.plot(w, [r["domain_score"] for r in rs], marker="o", label=name)
+        right.plot(w, [100 * r["accuracy"] for r in rs], marker="o", label=name)
+    left.set(xlabel="guidance w (1 = none)", ylabel="domain score (lower is better)", title="sample quality vs the data")
+    right.set(xlabel="guidance w (1 = none)", ylabel="% showing the prompted class", title="follows the prompt")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("part", choices=["latent", "pixel", "report", "score"])
+    p.add_argument("part", choices=["latent", "pixel", "report", "score", "plot"])
     p.add_argument("--dataset", default="mnist")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--minutes", type=float, default=40.0, help="the whole training budget of each model")
@@ -173,6 +204,8 @@ def main(argv=None) -> None:
     p.add_argument("--settings", default="ddpm:30,dpmpp_2m_sde:20:karras",
                    help="score: sampler:steps[:spacing],... (a spacing left out: the run's plain one)")
     p.add_argument("--guidance", default=str(GUIDANCE), help="score: guidance w of every setting, or a list (2,4,6)")
+    p.add_argument("--rows", nargs="+", default=None, metavar="JSON",
+                   help="plot: settings files to draw (default: OUT/<dataset>/latent-settings.json)")
     p.add_argument("--out", default="benchmarks/out/text_to_image")
     args = p.parse_args(argv)
     out = Path(args.out) / args.dataset
@@ -181,6 +214,13 @@ def main(argv=None) -> None:
         return report(out)
     if args.part == "score":
         return score_settings(args, out)
+    if args.part == "plot":
+        files = [Path(f) for f in args.rows] if args.rows else [out / "latent-settings.json"]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise SystemExit(f"no settings file {', '.join(missing)}; run score first or pass --rows")
+        rows = [r for f in files for r in json.loads(f.read_text())["rows"]]
+        return plot_guidance(rows, files[0].with_name(files[0].stem.replace("-settings", "") + "-guidance.png"))
     result = run_latent(args, out) if args.part == "latent" else run_pixel(args, out)
     test = load_dataset(args.dataset, "test", data_dir=args.data_dir)
     classifier = load_or_train_classifier(args.dataset, data_dir=args.data_dir)

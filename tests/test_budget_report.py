@@ -121,6 +121,11 @@ def test_text_to_image_score_redraws_a_kept_run_with_each_setting(tmp_path):
     assert rows[0]["domain_score"] != rows[1]["domain_score"]
     assert sorted(p.name for p in (tmp_path / "digits").glob("pixel-ddpm-2-w*_grid.png")) == [
         "pixel-ddpm-2-w0_grid.png", "pixel-ddpm-2-w3_grid.png"]
+    module.main(["plot", "--dataset", "digits", "--out", str(tmp_path),
+                 "--rows", str(tmp_path / "digits" / "pixel-settings.json")])
+    assert (tmp_path / "digits" / "pixel-guidance.png").stat().st_size > 0
+    with pytest.raises(SystemExit, match="no settings file"):
+        module.main(["plot", "--dataset", "digits", "--out", str(tmp_path / "empty")])
     with pytest.raises(SystemExit, match="a list of numbers"):
         module.main(["score", "--dataset", "digits", "--out", str(tmp_path), "--guidance", "four"])
     with pytest.raises(SystemExit, match="no kept run"):
