@@ -438,7 +438,8 @@ def add_sampling_args(q, outputs: bool = True) -> None:
     q.add_argument("--variance", default=None,
                    help="DDPM variance: small (posterior) | large (beta) | learned (--learn-sigma models' default)")
     q.add_argument("--guidance", type=finite_float(), default=None,
-                   help="classifier-free guidance scale w, 1 = none (default: the model's; 4 for text runs, 7.5 for SD)")
+                   help="classifier-free guidance scale w, 1 = none (default: the model's; 2 for text runs, "
+                        "4 for EDM text runs and distilled text students, 7.5 for SD)")
     q.add_argument("--negative-label", type=int, default=None,
                    help="with --guidance w > 1: steer away from this class (it replaces the null label)")
     q.add_argument("--negative-prompt", default=None,
