@@ -192,19 +192,23 @@ class TextConfig:
 
 @dataclass
 class DistillationConfig:
-    """A student of progressive distillation (Salimans & Ho 2022; training/distill.py): it samples in `steps`
-    deterministic steps on the σ's of spacing "nested", each trained to match two steps of its teacher."""
+    """A distilled student. method "progressive" (Salimans & Ho 2022; training/distill.py): it samples in `steps`
+    deterministic steps on the σ's of spacing "nested", each trained to match two steps of its teacher. method
+    "consistency" (Song et al. 2023; training/consistency.py): a consistency model that samples in any number of
+    steps, `steps` by default, with the multistep consistency sampler on the same nested σ's."""
 
-    steps: int = 4                    # the sampling steps this student was trained for
+    steps: int = 4                    # the sampling steps this student was trained for (consistency: its default)
     teacher: str = ""                 # the run it was distilled from (as given to noisecraft distill)
-    teacher_steps: int = 16           # the first teacher's steps (its sampler: heun)
-    iterations: int = 0               # optimizer steps per halving
+    teacher_steps: int = 16           # the first teacher's steps (its sampler: heun); consistency: the σ grid's N
+    iterations: int = 0               # optimizer steps per halving (consistency: in all)
+    method: str = "progressive"       # progressive | consistency (configs written before consistency: progressive)
 
     RULES = (   # field, type, allowed values, None allowed (settings.check_fields)
         ("steps", "int", "[1, 4096]", False),
         ("teacher", "str", None, False),
         ("teacher_steps", "int", "[2, 4096]", False),
         ("iterations", "int", "[0, inf)", False),
+        ("method", "str", ("progressive", "consistency"), False),
     )
 
     def __post_init__(self):

@@ -294,3 +294,26 @@ class DenoiserWrapper(nn.Module):
     @property
     def sigma_max(self):
         return self.inner.sigma_max
+
+
+class ConsistencyFunction(DenoiserWrapper):
+    """A consistency model f(x, σ) (Song et al. 2023, "Consistency Models", §3, eq. 5) built on a denoiser D:
+
+        f(x, σ) = c_skip(σ)·x + (1 - c_skip(σ))·D(x, σ),      c_skip(σ) = s² / ((σ - σ_min)² + s²),
+
+    so f(x, σ_min) = x exactly (the boundary condition that makes f a consistency function) and f = D wherever σ is
+    a few s above σ_min. The paper puts the same c_skip on a raw network output; putting it on D instead keeps a
+    student that starts as a copy of its teacher equal to the teacher's x̂0 at every σ that matters, whatever the
+    teacher's prediction type. s = σ_min: the boundary layer is as thin as the model's own noise range allows."""
+
+    def __init__(self, denoiser: nn.Module):
+        super().__init__(denoiser)
+
+    def c_skip(self, sigma: torch.Tensor) -> torch.Tensor:
+        s = self.sigma_min
+        return s**2 / ((sigma - s) ** 2 + s**2)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, cond: torch.Tensor | None = None) -> torch.Tensor:
+        sigma = batch_sigma(sigma, x)
+        c_skip = sigma_like(self.c_skip(sigma), x)
+        return c_skip * x + (1 - c_skip) * self.inner(x, sigma, cond)

@@ -422,14 +422,17 @@ def add_sampling_args(q, outputs: bool = True) -> None:
                    help="with --save-every: folder for the decoded steps (default: next to --grid/--out)")
     q.add_argument("--sampler", default=None,
                    help="ddpm | ddim | plms | lms | euler | euler_ancestral | heun | dpmpp_2m | dpmpp_2m_sde | "
-                        "langevin | pc, or a known alias: 'Euler a', 'DPM++ 2M', 'DPM++ 2M Karras' (any name + "
-                        "' Karras'); default: the model's (ddpm for our runs, heun for EDM runs, euler for "
-                        "distilled ones, lms for Stable Diffusion)")
+                        "langevin | pc | consistency, or a known alias: 'Euler a', 'DPM++ 2M', 'DPM++ 2M Karras' "
+                        "(any name + ' Karras'); default: the model's (dpmpp_2m_sde for our pixel and text runs, "
+                        "ddpm for latent runs, heun for EDM runs, dpmpp_2m for progressive students, consistency "
+                        "for consistency students, lms for Stable Diffusion)")
     q.add_argument("--steps", type=positive_int, default=None,
-                   help="sampler steps (default: the model's; 10 for our runs, 30 for text runs, 50 for SD)")
+                   help="sampler steps (default: the model's; 20 for our pixel and text runs, 10 for latent and EDM "
+                        "runs, a student's own, 50 for SD)")
     q.add_argument("--spacing", default=None,
-                   help="leading | trailing | linspace | karras | nested (default: the model's; leading, karras for "
-                        "EDM runs, nested for distilled ones, linspace for Stable Diffusion)")
+                   help="leading | trailing | linspace | karras | nested (default: the model's; karras for our "
+                        "pixel, text and EDM runs, leading for latent runs, nested for distilled ones, linspace for "
+                        "Stable Diffusion)")
     q.add_argument("--karras", action="store_true", help="Karras et al. (EDM) sigma spacing instead of --spacing")
     q.add_argument("--eta", type=finite_float(lo=0), default=None,
                    help="noise of ddim, euler_ancestral, dpmpp_2m_sde (0: deterministic)")

@@ -70,9 +70,19 @@ def distilled_defaults(steps: int, text_conditional: bool) -> SamplingDefaults:
                             path_sampler="dpmpp_2m", path_steps=steps)
 
 
+def consistency_defaults(steps: int, text_conditional: bool) -> SamplingDefaults:
+    """A consistency student (training/consistency.py) samples with multistep consistency sampling (Song et al. 2023,
+    Algorithm 1) on the nested σ's of its default steps; any other step count works with --steps. Interpolation
+    takes its one deterministic step: every later step draws fresh noise."""
+    return SamplingDefaults(sampler="consistency", steps=steps, spacing="nested",
+                            guidance=4.0 if text_conditional else 1.0, path_sampler="consistency", path_steps=1)
+
+
 def defaults_for_run(text_conditional: bool, edm: bool = False, distilled_steps: int | None = None,
-                     latent: bool = False) -> SamplingDefaults:
+                     latent: bool = False, distillation_method: str = "progressive") -> SamplingDefaults:
     """The defaults of a run trained by noisecraft (EDM-preconditioned or not, pixel or latent, or distilled)."""
+    if distilled_steps and distillation_method == "consistency":
+        return consistency_defaults(distilled_steps, text_conditional)
     if distilled_steps:
         return distilled_defaults(distilled_steps, text_conditional)
     if edm:

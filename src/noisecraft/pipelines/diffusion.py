@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..config import RunConfig, load_run_config
-from ..denoiser import Denoiser, vp_c_in
+from ..denoiser import ConsistencyFunction, Denoiser, vp_c_in
 from ..errors import NoisecraftError
 from ..guidance.classifier_free import ClassifierFreeGuidance
 from ..guidance.loss import LatentSteering, LossGuidance
@@ -51,6 +51,9 @@ class DiffusionPipeline:
         # x̂0 clipping to [-1, 1] is a pixel-range constraint; latents have no such range.
         self.denoiser = Denoiser(self.model, self.schedule, d.prediction, clip_x0=d.clip_x0 and vae is None,
                                  sigma_data=d.sigma_data, sigma_max_cap=d.sampling_sigma_max)
+        distillation = config.distillation
+        if distillation is not None and distillation.method == "consistency":
+            self.denoiser = ConsistencyFunction(self.denoiser)   # f(x, σ_min) = x: the student's boundary condition
         if (vae is None) != (config.latent is None):
             raise NoisecraftError("a latent run needs its VAE and a pixel run takes none; load it with from_run.")
         if (text_encoder is None) != (config.text is None):
@@ -63,7 +66,8 @@ class DiffusionPipeline:
         # (pipelines/stable_diffusion.py) replace them with SD's own.
         self.defaults: SamplingDefaults = defaults_for_run(
             text_conditional=config.text is not None, edm=d.edm, latent=config.latent is not None,
-            distilled_steps=config.distillation.steps if config.distillation else None)
+            distilled_steps=distillation.steps if distillation else None,
+            distillation_method=distillation.method if distillation else "progressive")
 
     # --- the latent space and the text encoder ---------------------------------------------------
 

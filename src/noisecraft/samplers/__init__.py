@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 
 from ..errors import NoisecraftError
+from .consistency import sample_consistency
 from .ddim import sample_ddim
 from .ddpm import sample_ddpm
 from .dpmpp import sample_dpmpp_2m, sample_dpmpp_2m_sde
@@ -41,6 +42,7 @@ SAMPLERS: dict[str, Callable] = {
     "dpmpp_2m_sde": sample_dpmpp_2m_sde,
     "langevin": sample_langevin,
     "pc": sample_pc,
+    "consistency": sample_consistency,
 }
 
 # Front-end names (lower case) -> registered name. Each also works with " karras" appended.
@@ -115,6 +117,7 @@ def generate(denoiser, shape: tuple[int, ...], *, sampler: str, steps: int, spac
 
 
 __all__ = ["ALIASES", "SAMPLERS", "SPACINGS", "SeededNoise", "generate", "get_sampler", "karras_sigmas",
-           "resolve_sampler", "sample_ddim", "sample_ddpm", "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "sample_euler",
+           "resolve_sampler", "sample_consistency", "sample_ddim", "sample_ddpm", "sample_dpmpp_2m",
+           "sample_dpmpp_2m_sde", "sample_euler",
            "sample_euler_ancestral", "sample_heun", "sample_langevin", "sample_lms", "sample_pc", "sample_plms",
            "sampler_names"]

@@ -81,6 +81,8 @@ class Distiller:
     """Progressive distillation of a run into students of teacher_steps/2, /4, ... down to `steps` steps, each
     written as a run folder out_dir/steps-N that `noisecraft sample` loads like any other."""
 
+    METHOD = "progressive"     # what a student's config.json records as its distillation method
+
     def __init__(self, run_dir: str | Path, dataset, out_dir: str | Path, *, steps: int = 1, teacher_steps: int = 16,
                  iterations: int = 1000, minutes: float | None = None, batch_size: int | None = None,
                  lr: float = 1e-4, ema_decay: float = 0.995, seed: int = 0, device: str = "cpu", progress=None,
@@ -97,10 +99,7 @@ class Distiller:
         if self.config.distillation is not None:
             raise NoisecraftError(f"{run_dir} is already a distilled student; distil its teacher "
                                   f"({self.config.distillation.teacher}) with fewer --steps instead.")
-        if teacher_steps < 2 or teacher_steps & (teacher_steps - 1) or not 1 <= steps < teacher_steps \
-                or steps & (steps - 1):
-            raise NoisecraftError(f"--teacher-steps ({teacher_steps}) and --steps ({steps}) must be powers of two "
-                                  f"with steps < teacher_steps: each stage halves the steps.")
+        self.check_steps(steps, teacher_steps)
         self.steps, self.teacher_steps = steps, teacher_steps
         self.iterations, self.minutes = iterations, minutes
         self.batch_size = batch_size or self.config.train.batch_size
@@ -112,6 +111,12 @@ class Distiller:
         self.batches = build_batches(self.config, dataset, self.run_dir)   # the teacher's caches (latents, text)
         self.generator = torch.Generator("cpu").manual_seed(seed)
         self.log_rows: list[dict] = []
+
+    def check_steps(self, steps: int, teacher_steps: int) -> None:
+        if teacher_steps < 2 or teacher_steps & (teacher_steps - 1) or not 1 <= steps < teacher_steps \
+                or steps & (steps - 1):
+            raise NoisecraftError(f"--teacher-steps ({teacher_steps}) and --steps ({steps}) must be powers of two "
+                                  f"with steps < teacher_steps: each stage halves the steps.")
 
     # --- the pieces of one stage ----------------------------------------------------------------
 
@@ -203,11 +208,11 @@ class Distiller:
             writer.writeheader()
             writer.writerows(self.log_rows)
 
-    def _write_student(self, net: UNet, steps: int, iterations: int) -> Path:
-        folder = self.out_dir / f"steps-{steps}"
+    def _write_student(self, net: UNet, steps: int, iterations: int, name: str | None = None) -> Path:
+        folder = self.out_dir / (name or f"steps-{steps}")
         folder.mkdir(parents=True, exist_ok=True)
         config = copy.deepcopy(self.config)
-        config.distillation = DistillationConfig(steps=steps, teacher=str(self.run_dir),
+        config.distillation = DistillationConfig(steps=steps, teacher=str(self.run_dir), method=self.METHOD,
                                                  teacher_steps=self.teacher_steps, iterations=iterations)
         for name in COMPONENT_DIRS:
             if (self.run_dir / name).is_dir() and not (folder / name).exists():
