@@ -12,7 +12,6 @@ from noisecraft.config import load_run_config
 from noisecraft.denoiser import ConsistencyFunction
 from noisecraft.errors import NoisecraftError
 from noisecraft.pipelines.diffusion import DiffusionPipeline
-from noisecraft.samplers import generate
 from noisecraft.samplers.consistency import sample_consistency
 from noisecraft.samplers.steps import nested_sigmas
 from noisecraft.training.consistency import ConsistencyDistiller, consistency_metric

@@ -32,7 +32,7 @@ import torch
 from ..denoiser import ConsistencyFunction
 from ..errors import NoisecraftError
 from ..samplers.steps import karras_sigmas
-from .distill import Distiller, ode_step
+from .distill import Distiller, ode_step, optimizer_step
 from .ema import EMA
 
 METRICS = ("pseudo-huber", "l2")
@@ -104,14 +104,7 @@ class ConsistencyDistiller(Distiller):
         started, done = self.clock(), 0
         while self._budget_left(done, started, 1, 0.0):
             loss = self.consistency_loss(student, target_f, teacher, grid)
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise NoisecraftError(f"the consistency loss became {value} at step {done + 1}; retry with a "
-                                      f"lower --lr.")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(student_net.parameters(), 1.0)
-            optimizer.step()
+            value = optimizer_step(loss, student_net, optimizer, f"step {done + 1}")
             target.update(student_net, done)
             ema.update(student_net, done)
             done += 1

@@ -77,6 +77,18 @@ def distillation_target(z: torch.Tensor, z_next: torch.Tensor, sigma: torch.Tens
     return (z_next - ratio * z) / (1 - ratio)
 
 
+def optimizer_step(loss: torch.Tensor, net: UNet, optimizer: torch.optim.Optimizer, where: str) -> float:
+    """One clipped optimizer step on a distillation loss; returns the loss, refusing a non-finite one."""
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise NoisecraftError(f"the distillation loss became {value} at {where}; retry with a lower --lr.")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+    optimizer.step()
+    return value
+
+
 class Distiller:
     """Progressive distillation of a run into students of teacher_steps/2, /4, ... down to `steps` steps, each
     written as a run folder out_dir/steps-N that `noisecraft sample` loads like any other."""
@@ -175,14 +187,7 @@ class Distiller:
             started, done = self.clock(), 0
             while self._budget_left(done, started, stages - stage, spent):
                 loss = self.stage_loss(student, teacher, grid, heun)
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    raise NoisecraftError(f"the distillation loss became {value} at stage {stage + 1}, step "
-                                          f"{done + 1}; retry with a lower --lr.")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(student_net.parameters(), 1.0)
-                optimizer.step()
+                value = optimizer_step(loss, student_net, optimizer, f"stage {stage + 1}, step {done + 1}")
                 ema.update(student_net, done)
                 done += 1
                 if done % 25 == 0 or done == 1:
