@@ -33,9 +33,11 @@ def test_consistency_function_is_the_identity_at_sigma_min_and_the_denoiser_abov
     f = ConsistencyFunction(d)
     x, cond = torch.randn(4, 1, 16, 16), torch.tensor([0, 1, 2, 3])
     torch.testing.assert_close(f(x, d.sigma_min, cond), x, rtol=0, atol=0)   # c_skip(σ_min) = 1 exactly
-    far = 100 * d.sigma_min                                                   # c_skip ≈ 1e-4
+    far = 100 * d.sigma_min
     assert not torch.allclose(d(x, d.sigma_min, cond), x, atol=1e-6)           # D alone is not the identity
-    torch.testing.assert_close(f(x, far, cond), d(x, far, cond), rtol=0, atol=5e-4)
+    c = float(f.c_skip(torch.tensor(far, dtype=torch.float64)))
+    assert 0 < c < 2e-4                                                       # 1/(99² + 1): f is D, nearly
+    torch.testing.assert_close(f(x, far, cond), c * x + (1 - c) * d(x, far, cond), rtol=1e-5, atol=1e-5)
     assert (f.sigma_min, f.sigma_max, f.schedule) == (d.sigma_min, d.sigma_max, d.schedule)
 
 
@@ -144,7 +146,7 @@ def test_a_student_learns_to_jump_along_its_teachers_ode(edm_run, few_digits, tm
     # interpolation takes the one deterministic step, so its ends are the seeds' own 1-step pictures
     path = student.interpolate_seeds(0, 1, n=3, label=3).images
     ends = torch.cat([student.sample(1, steps=1, label=3, seed=s).images for s in (0, 1)])
-    torch.testing.assert_close(path[[0, -1]], ends, rtol=0, atol=1e-5)
+    torch.testing.assert_close(path[[0, -1]], ends, rtol=0, atol=1e-4)   # slerp's ends round the noise slightly
 
 
 def test_distill_command_writes_a_consistency_student_that_samples(edm_run, tmp_path):

@@ -306,9 +306,6 @@ class ConsistencyFunction(DenoiserWrapper):
     student that starts as a copy of its teacher equal to the teacher's x̂0 at every σ that matters, whatever the
     teacher's prediction type. s = σ_min: the boundary layer is as thin as the model's own noise range allows."""
 
-    def __init__(self, denoiser: nn.Module):
-        super().__init__(denoiser)
-
     def c_skip(self, sigma: torch.Tensor) -> torch.Tensor:
         s = self.sigma_min
         return s**2 / ((sigma - s) ** 2 + s**2)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from ..denoiser import ConsistencyFunction
+from ..denoiser import ConsistencyFunction, sigma_like
 from ..errors import NoisecraftError
 from ..samplers.steps import karras_sigmas
 from .distill import Distiller, ode_step, optimizer_step
@@ -84,7 +84,7 @@ class ConsistencyDistiller(Distiller):
         i = torch.randint(0, len(grid) - 1, (x0.shape[0],), generator=self.generator)
         sigma, sigma_next = grid[i], grid[i + 1]
         noise = torch.randn(x0.shape, generator=self.generator).to(self.device)
-        z = x0 + sigma.to(x0.dtype).reshape(-1, *[1] * (x0.ndim - 1)) * noise
+        z = x0 + sigma_like(sigma, x0) * noise
         with torch.no_grad():
             z_next = ode_step(teacher, z, sigma, sigma_next, cond, heun=True)
             wanted = target(z_next, sigma_next, cond)
