@@ -78,13 +78,14 @@ def consistency_defaults(steps: int, text_conditional: bool) -> SamplingDefaults
                             guidance=4.0 if text_conditional else 1.0, path_sampler="consistency", path_steps=1)
 
 
-def defaults_for_run(text_conditional: bool, edm: bool = False, distilled_steps: int | None = None,
-                     latent: bool = False, distillation_method: str = "progressive") -> SamplingDefaults:
-    """The defaults of a run trained by noisecraft (EDM-preconditioned or not, pixel or latent, or distilled)."""
-    if distilled_steps and distillation_method == "consistency":
-        return consistency_defaults(distilled_steps, text_conditional)
-    if distilled_steps:
-        return distilled_defaults(distilled_steps, text_conditional)
+def defaults_for_run(text_conditional: bool, edm: bool = False, distillation=None,
+                     latent: bool = False) -> SamplingDefaults:
+    """The defaults of a run trained by noisecraft (EDM-preconditioned or not, pixel or latent, or distilled: then
+    `distillation` is its config's DistillationConfig)."""
+    if distillation is not None and distillation.method == "consistency":
+        return consistency_defaults(distillation.steps, text_conditional)
+    if distillation is not None:
+        return distilled_defaults(distillation.steps, text_conditional)
     if edm:
         return OUR_EDM_TEXT_RUN if text_conditional else OUR_EDM_RUN
     if text_conditional:

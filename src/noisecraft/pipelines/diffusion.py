@@ -51,8 +51,7 @@ class DiffusionPipeline:
         # x̂0 clipping to [-1, 1] is a pixel-range constraint; latents have no such range.
         self.denoiser = Denoiser(self.model, self.schedule, d.prediction, clip_x0=d.clip_x0 and vae is None,
                                  sigma_data=d.sigma_data, sigma_max_cap=d.sampling_sigma_max)
-        distillation = config.distillation
-        if distillation is not None and distillation.method == "consistency":
+        if config.distillation is not None and config.distillation.method == "consistency":
             self.denoiser = ConsistencyFunction(self.denoiser)   # f(x, σ_min) = x: the student's boundary condition
         if (vae is None) != (config.latent is None):
             raise NoisecraftError("a latent run needs its VAE and a pixel run takes none; load it with from_run.")
@@ -66,8 +65,7 @@ class DiffusionPipeline:
         # (pipelines/stable_diffusion.py) replace them with SD's own.
         self.defaults: SamplingDefaults = defaults_for_run(
             text_conditional=config.text is not None, edm=d.edm, latent=config.latent is not None,
-            distilled_steps=distillation.steps if distillation else None,
-            distillation_method=distillation.method if distillation else "progressive")
+            distillation=config.distillation)
 
     # --- the latent space and the text encoder ---------------------------------------------------
 
